@@ -1,0 +1,140 @@
+"""The sidecar's own upstream token: google-auth ADC, refreshed ahead of expiry, off the event loop."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import logging
+from typing import Any, Protocol
+
+from proxy.errors import Unavailable
+
+log = logging.getLogger(__name__)
+
+SCOPE = "https://www.googleapis.com/auth/devstorage.full_control"
+REFRESH_MARGIN = dt.timedelta(minutes=5)
+_MIN_SLEEP, _MAX_BACKOFF = 1.0, 60.0
+
+
+class TokenSource(Protocol):
+    """Where the sidecar's upstream access token comes from."""
+
+    @property
+    def ready(self) -> bool: ...
+
+    async def token(self) -> str: ...
+
+
+class KeyFileRefused(Exception):
+    """ADC resolved to a service-account key file; the sidecar never uses one."""
+
+
+def _load_credentials() -> Any:
+    # Imported lazily: google.auth reads GCE_METADATA_* when these modules load.
+    import google.auth
+    from google.oauth2 import service_account
+
+    credentials, _ = google.auth.default(scopes=[SCOPE])
+    if isinstance(credentials, service_account.Credentials):
+        raise KeyFileRefused(
+            "Application Default Credentials point at a service-account key file; "
+            "gcs-iap-proxy uses the metadata server (or workload identity) only"
+        )
+    return credentials
+
+
+def _refresh(credentials: Any) -> None:
+    import google.auth.transport.requests
+
+    credentials.refresh(google.auth.transport.requests.Request())
+
+
+def _utcnow() -> dt.datetime:
+    return dt.datetime.now(dt.UTC).replace(tzinfo=None)
+
+
+class AdcTokenSource:
+    """Application Default Credentials; a background task refreshes before expiry.
+
+    Every blocking google-auth call runs in a worker thread; concurrent callers that
+    find no valid token share one refresh.
+    """
+
+    def __init__(self) -> None:
+        self._credentials: Any = None
+        self._token: str | None = None
+        self._expiry: dt.datetime | None = None
+        self._refreshing: asyncio.Task[None] | None = None
+        self.last_error: str | None = None
+        self.refreshes = 0
+
+    @property
+    def ready(self) -> bool:
+        return self._valid()
+
+    def _valid(self) -> bool:
+        if self._token is None:
+            return False
+        return self._expiry is None or _utcnow() < self._expiry - dt.timedelta(seconds=10)
+
+    async def token(self) -> str:
+        if not self._valid():
+            await self.refresh()
+        if self._token is None or not self._valid():
+            raise Unavailable("the proxy has no upstream credentials yet; retry shortly")
+        return self._token
+
+    async def refresh(self) -> None:
+        if self._refreshing is None or self._refreshing.done():
+            self._refreshing = asyncio.create_task(self._refresh_once())
+        await asyncio.shield(self._refreshing)
+
+    async def _refresh_once(self) -> None:
+        try:
+            if self._credentials is None:
+                self._credentials = await asyncio.to_thread(_load_credentials)
+            await asyncio.to_thread(_refresh, self._credentials)
+        except KeyFileRefused as exc:
+            self.last_error = str(exc)
+            log.error("%s", exc)
+            return
+        except Exception as exc:  # google-auth raises many types; none may escape to callers
+            self.last_error = f"{exc.__class__.__name__}: {exc}"
+            log.warning("upstream token refresh failed: %s", self.last_error)
+            return
+        self._token = self._credentials.token
+        self._expiry = self._credentials.expiry
+        self.last_error = None
+        self.refreshes += 1
+
+    def _seconds_until_refresh(self) -> float:
+        if self._expiry is None or self._token is None:
+            return _MIN_SLEEP
+        due = self._expiry - REFRESH_MARGIN - _utcnow()
+        return max(due.total_seconds(), _MIN_SLEEP)
+
+    async def keep_fresh(self) -> None:
+        """Background task: obtain a token, then refresh it a few minutes before it expires."""
+        backoff = _MIN_SLEEP
+        while True:
+            await self.refresh()
+            if self.last_error is None:
+                backoff = _MIN_SLEEP
+                await asyncio.sleep(self._seconds_until_refresh())
+            else:
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, _MAX_BACKOFF)
+
+
+class StaticTokenSource:
+    """A fixed token, for tests and for upstreams that need none."""
+
+    def __init__(self, value: str) -> None:
+        self._value = value
+
+    @property
+    def ready(self) -> bool:
+        return True
+
+    async def token(self) -> str:
+        return self._value

@@ -1,0 +1,124 @@
+"""The proxy's error hierarchy, rendered once in the GCS JSON error shape.
+
+    ProxyError
+    ├── BadRequest             400 invalid
+    ├── Unauthenticated        401 required / authError (+ WWW-Authenticate)
+    ├── Forbidden              403 forbidden
+    ├── NotFound               404 notFound
+    ├── MethodNotAllowed       405 methodNotAllowed
+    ├── PayloadTooLarge        413 uploadTooLarge
+    ├── UpstreamError          502 backendError   (bad or no answer from Cloud Storage)
+    ├── Unavailable            503 backendError   (no upstream token, not ready)
+    └── UpstreamTimeout        504 gatewayTimeout
+
+Messages are written for the caller: they say what was wrong, never which rule
+or which policy file decided, and never echo a credential.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import ClassVar
+
+from aiohttp import web
+
+
+class ProxyError(Exception):
+    status: ClassVar[int] = 500
+    reason: ClassVar[str] = "internalError"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+    def headers(self) -> dict[str, str]:
+        return {}
+
+    def body(self) -> dict[str, object]:
+        return error_body(self.status, self.reason, self.message)
+
+
+class BadRequest(ProxyError):
+    status = 400
+    reason = "invalid"
+
+
+class Unauthenticated(ProxyError):
+    """No usable caller identity. `missing` distinguishes "no token" from "bad token"."""
+
+    status = 401
+    reason = "authError"
+
+    def __init__(self, message: str, *, missing: bool = False) -> None:
+        super().__init__(message)
+        self.missing = missing
+
+    def headers(self) -> dict[str, str]:
+        if self.missing:
+            return {"WWW-Authenticate": 'Bearer realm="gcs-iap-proxy"'}
+        description = self.message.replace("\\", "").replace('"', "'")
+        return {
+            "WWW-Authenticate": (
+                f'Bearer realm="gcs-iap-proxy", error="invalid_token", '
+                f'error_description="{description}"'
+            )
+        }
+
+    def body(self) -> dict[str, object]:
+        reason = "required" if self.missing else self.reason
+        return error_body(self.status, reason, self.message)
+
+
+class Forbidden(ProxyError):
+    status = 403
+    reason = "forbidden"
+
+
+class NotFound(ProxyError):
+    status = 404
+    reason = "notFound"
+
+
+class MethodNotAllowed(ProxyError):
+    status = 405
+    reason = "methodNotAllowed"
+
+
+class PayloadTooLarge(ProxyError):
+    status = 413
+    reason = "uploadTooLarge"
+
+
+class UpstreamError(ProxyError):
+    status = 502
+    reason = "backendError"
+
+
+class Unavailable(ProxyError):
+    status = 503
+    reason = "backendError"
+
+
+class UpstreamTimeout(ProxyError):
+    status = 504
+    reason = "gatewayTimeout"
+
+
+def error_body(status: int, reason: str, message: str) -> dict[str, object]:
+    return {
+        "error": {
+            "code": status,
+            "message": message,
+            "errors": [{"domain": "global", "reason": reason, "message": message}],
+        }
+    }
+
+
+def error_response(error: ProxyError) -> web.Response:
+    return web.Response(
+        status=error.status,
+        body=json.dumps(error.body()).encode(),
+        content_type="application/json",
+        charset="UTF-8",
+        headers=error.headers(),
+    )

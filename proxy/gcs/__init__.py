@@ -1,0 +1,1 @@
+"""The Cloud Storage request surface: requests into operations, operations into upstream requests."""

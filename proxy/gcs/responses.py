@@ -1,0 +1,56 @@
+"""JSON responses from Cloud Storage, reshaped for the caller: links to the proxy, lists filtered."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from proxy.gcs.rawurl import encode_segment
+
+KeepName = Callable[[str], bool]
+
+
+def object_links(resource: dict[str, Any], origin: str) -> None:
+    """Point selfLink/mediaLink at the proxy, built from the resource's own bucket and name."""
+    bucket, name = resource.get("bucket"), resource.get("name")
+    if not isinstance(bucket, str) or not isinstance(name, str):
+        resource.pop("selfLink", None)
+        resource.pop("mediaLink", None)
+        return
+    path = f"/b/{encode_segment(bucket)}/o/{encode_segment(name)}"
+    if "selfLink" in resource:
+        resource["selfLink"] = f"{origin}/storage/v1{path}"
+    if "mediaLink" in resource:
+        generation = resource.get("generation")
+        query = (
+            f"?generation={encode_segment(str(generation))}&alt=media"
+            if generation
+            else "?alt=media"
+        )
+        resource["mediaLink"] = f"{origin}/download/storage/v1{path}{query}"
+
+
+def reshape_object(body: Any, origin: str) -> Any:
+    if isinstance(body, dict) and body.get("kind") == "storage#object":
+        object_links(body, origin)
+    return body
+
+
+def reshape_list(body: Any, origin: str, keep: KeepName) -> Any:
+    """Drop items and prefixes the caller may not list (defence in depth), fix item links."""
+    if not isinstance(body, dict):
+        return body
+    items = body.get("items")
+    if isinstance(items, list):
+        kept = [
+            item
+            for item in items
+            if isinstance(item, dict) and isinstance(item.get("name"), str) and keep(item["name"])
+        ]
+        for item in kept:
+            object_links(item, origin)
+        body["items"] = kept
+    prefixes = body.get("prefixes")
+    if isinstance(prefixes, list):
+        body["prefixes"] = [p for p in prefixes if isinstance(p, str) and keep(p)]
+    return body

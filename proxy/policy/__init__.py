@@ -1,0 +1,31 @@
+"""Policies: the model, loading from YAML, and pure evaluation."""
+
+from proxy.policy.evaluate import (
+    Access,
+    Decision,
+    PolicyIndex,
+    compile_policy,
+    evaluate,
+    evaluate_all,
+)
+from proxy.policy.load import PolicyError, load_policy, parse_policy
+from proxy.policy.model import Effect, Identity, Issuer, Mode, Policy, Rule, Verb
+
+__all__ = [
+    "Access",
+    "Decision",
+    "Effect",
+    "Identity",
+    "Issuer",
+    "Mode",
+    "Policy",
+    "PolicyError",
+    "PolicyIndex",
+    "Rule",
+    "Verb",
+    "compile_policy",
+    "evaluate",
+    "evaluate_all",
+    "load_policy",
+    "parse_policy",
+]

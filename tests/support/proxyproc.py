@@ -1,0 +1,81 @@
+"""The real sidecar as a subprocess (`python -m proxy serve`), with loopback stand-ins around it."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def isolated_env(tmp: Path, metadata_port: int, **extra: str) -> dict[str, str]:
+    """No ambient Google credentials: only the metadata stand-in can vouch for the sidecar."""
+    env = {
+        "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+        "HOME": str(tmp),
+        "CLOUDSDK_CONFIG": str(tmp / "gcloud"),
+        "GCE_METADATA_HOST": f"127.0.0.1:{metadata_port}",
+        "GCE_METADATA_IP": f"127.0.0.1:{metadata_port}",
+        "PYTHONUNBUFFERED": "1",
+    }
+    env.update(extra)
+    return env
+
+
+class ProxyProcess:
+    def __init__(self, policy: Path, upstream: str, env: dict[str, str], *extra_args: str) -> None:
+        self.port, self.admin_port = free_port(), free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.admin_url = f"http://127.0.0.1:{self.admin_port}"
+        self.log = policy.parent / f"proxy-{self.port}.log"
+        command = [
+            sys.executable, "-m", "proxy", "serve",
+            "--listen", f"127.0.0.1:{self.port}",
+            "--admin-listen", f"127.0.0.1:{self.admin_port}",
+            "--policy", str(policy),
+            "--upstream", upstream,
+            *extra_args,
+        ]  # fmt: skip
+        self._out = self.log.open("wb")
+        self.process = subprocess.Popen(
+            command, env=env, stdout=self._out, stderr=subprocess.STDOUT
+        )
+
+    def wait_ready(self, timeout: float = 20) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"proxy exited {self.process.returncode}:\n{self.output()}")
+            try:
+                with urllib.request.urlopen(self.admin_url + "/readyz", timeout=1) as response:
+                    if response.status == 200:
+                        return
+            except (urllib.error.URLError, OSError):
+                pass
+            time.sleep(0.05)
+        raise RuntimeError(f"proxy not ready in {timeout}s:\n{self.output()}")
+
+    def output(self) -> str:
+        self._out.flush()
+        return self.log.read_text(errors="replace")
+
+    def stop(self) -> int:
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self._out.close()
+        return self.process.returncode

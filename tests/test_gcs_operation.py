@@ -1,0 +1,206 @@
+"""Request parsing: raw targets into operations, and operations back into upstream targets."""
+
+from __future__ import annotations
+
+import pytest
+
+from proxy.errors import BadRequest, Forbidden, MethodNotAllowed, ProxyError
+from proxy.gcs.build import upstream_headers, upstream_target
+from proxy.gcs.operation import Kind, parse_request
+from proxy.policy import Access, Verb
+
+
+def parse(method: str, target: str, headers: dict[str, str] | None = None):
+    return parse_request(method, target, headers or {})
+
+
+@pytest.mark.parametrize(
+    ("method", "target", "kind", "access"),
+    [
+        ("GET", "/storage/v1/b/bkt/o/a%2Fb.txt", Kind.GET, (Verb.READ, "a/b.txt")),
+        ("HEAD", "/storage/v1/b/bkt/o/a%2Fb.txt", Kind.GET, (Verb.READ, "a/b.txt")),
+        ("GET", "/storage/v1/b/bkt/o/a%2Fb.txt?alt=media", Kind.MEDIA, (Verb.READ, "a/b.txt")),
+        (
+            "GET",
+            "/download/storage/v1/b/bkt/o/a%2Fb.txt?alt=media",
+            Kind.MEDIA,
+            (Verb.READ, "a/b.txt"),
+        ),
+        (
+            "GET",
+            "/storage/v1/b/bkt/o?prefix=reports%2F&delimiter=%2F",
+            Kind.LIST,
+            (Verb.LIST, "reports/"),
+        ),
+        ("GET", "/storage/v1/b/bkt/o", Kind.LIST, (Verb.LIST, "")),
+        ("DELETE", "/storage/v1/b/bkt/o/x", Kind.DELETE, (Verb.DELETE, "x")),
+        ("PATCH", "/storage/v1/b/bkt/o/x", Kind.PATCH, (Verb.METADATA, "x")),
+        ("PUT", "/storage/v1/b/bkt/o/x", Kind.UPDATE, (Verb.METADATA, "x")),
+        (
+            "POST",
+            "/upload/storage/v1/b/bkt/o?uploadType=media&name=a+b%2Bc",
+            Kind.INSERT_MEDIA,
+            (Verb.WRITE, "a b+c"),
+        ),
+        ("GET", "/storage/v1/b/bkt/o/..%2F..%2Fetc", Kind.GET, (Verb.READ, "../../etc")),
+        ("GET", "/storage/v1/b/bkt/o/%C3%A9t%C3%A9", Kind.GET, (Verb.READ, "été")),
+        ("GET", "/storage/v1/b/bkt/o/a;b", Kind.GET, (Verb.READ, "a;b")),
+    ],
+)
+def test_routes(method, target, kind, access):
+    operation = parse(method, target)
+    assert operation.kind is kind
+    assert operation.accesses == (Access(access[0], "bkt", access[1]),)
+
+
+def test_multipart_name_may_come_later():
+    operation = parse("POST", "/upload/storage/v1/b/bkt/o?uploadType=multipart")
+    assert operation.kind is Kind.INSERT_MULTIPART
+    assert operation.object is None
+    assert operation.accesses == ()
+
+
+@pytest.mark.parametrize(
+    "target",
+    [
+        "/storage/v1/b/bkt/o/%zz",
+        "/storage/v1/b/bkt/o/%2",
+        "/storage/v1/b/bkt/o/%FF%FE",
+        "/storage/v1/b/bkt/o/a%0Ab",
+        "/storage/v1/b/bkt/o/a%0D%0Ab",
+        "/storage/v1/b/bkt/o/a%00b",
+        "/storage/v1/b/bkt/o/%2E%2E",
+        "/storage/v1/b/bkt/o/.",
+        "/storage/v1/b/bkt//o/x",
+        "/storage/v1/b/bkt/o/x#frag",
+        "/storage/v1/b/bkt/o/a\\b",
+        "/storage/v1/b/../o/x",
+        "/storage/v1/b/BKT/o/x",
+        "/storage/v1/b/bkt/o/x?alt=media&alt=json",
+        "/storage/v1/b/bkt/o/x?$fields=x",
+        "/storage/v1/b/bkt/o/x?access_token=abc",
+        "/storage/v1/b/bkt/o/x?key=abc",
+        "/storage/v1/b/bkt/o/x?X-Goog-Signature=abc",
+        "/storage/v1/b/bkt/o/x?X-HTTP-Method-Override=DELETE",
+        "/storage/v1/b/bkt/o/x?alt=proto",
+        "/storage/v1/b/bkt/o/x?generation=abc",
+        "/storage/v1/b/bkt/o/x?surprise=1",
+        "/storage/v1/b/bkt/o/" + "a" * 1025,
+        "storage/v1/b/bkt/o/x",
+        "/upload/storage/v1/b/bkt/o?uploadType=media",
+    ],
+)
+def test_bad_targets_are_400(target):
+    with pytest.raises(BadRequest):
+        parse("GET" if not target.startswith("/upload") else "POST", target)
+
+
+@pytest.mark.parametrize(
+    ("method", "target", "error"),
+    [
+        ("GET", "/storage/v1/b", Forbidden),
+        ("POST", "/storage/v1/b?project=p", Forbidden),
+        ("GET", "/storage/v1/b/bkt", Forbidden),
+        ("DELETE", "/storage/v1/b/bkt", Forbidden),
+        ("GET", "/storage/v1/b/bkt/iam", Forbidden),
+        ("GET", "/storage/v1/b/bkt/o/x/acl", Forbidden),
+        ("POST", "/storage/v1/b/bkt/o/x/copyTo/b/other/o/y", Forbidden),
+        ("POST", "/batch/storage/v1", Forbidden),
+        ("GET", "/storage/v1/projects/p/hmacKeys", Forbidden),
+        ("POST", "/upload/storage/v1/b/bkt/o?uploadType=resumable&name=x", Forbidden),
+        ("POST", "/storage/v1/b/bkt/o/x", MethodNotAllowed),
+        ("PATCH", "/storage/v1/b/bkt/o/x?predefinedAcl=publicRead", Forbidden),
+        ("POST", "/upload/storage/v1/b/bkt/o?uploadType=media&name=x&kmsKeyName=k", Forbidden),
+    ],
+)
+def test_refused_surface(method, target, error):
+    with pytest.raises(error):
+        parse(method, target)
+
+
+def test_method_override_header_refused():
+    with pytest.raises(BadRequest):
+        parse("GET", "/storage/v1/b/bkt/o/x", {"x-http-method-override": "DELETE"})
+
+
+def test_user_project_header_and_query_must_agree():
+    operation = parse("GET", "/storage/v1/b/bkt/o/x", {"x-goog-user-project": "billing"})
+    assert operation.user_project == "billing"
+    with pytest.raises(BadRequest):
+        parse("GET", "/storage/v1/b/bkt/o/x?userProject=a", {"x-goog-user-project": "b"})
+
+
+@pytest.mark.parametrize(
+    ("method", "target", "upstream"),
+    [
+        ("GET", "/storage/v1/b/bkt/o/a%2Fb%20c", "/storage/v1/b/bkt/o/a%2Fb%20c?projection=noAcl"),
+        (
+            "GET",
+            "/download/storage/v1/b/bkt/o/a%2Fb?generation=5",
+            "/storage/v1/b/bkt/o/a%2Fb?generation=5&alt=media",
+        ),
+        ("GET", "/storage/v1/b/bkt/o/..%2Fx?alt=media", "/storage/v1/b/bkt/o/..%2Fx?alt=media"),
+        (
+            "GET",
+            "/storage/v1/b/bkt/o?prefix=r%2F&fields=items(name)",
+            "/storage/v1/b/bkt/o?prefix=r%2F&projection=noAcl",
+        ),
+        ("GET", "/storage/v1/b/bkt/o/x?projection=full", "/storage/v1/b/bkt/o/x?projection=noAcl"),
+        (
+            "POST",
+            "/upload/storage/v1/b/bkt/o?uploadType=media&name=a+b",
+            "/upload/storage/v1/b/bkt/o?uploadType=media&name=a%20b&projection=noAcl",
+        ),
+        (
+            "DELETE",
+            "/storage/v1/b/bkt/o/x?ifGenerationMatch=3",
+            "/storage/v1/b/bkt/o/x?ifGenerationMatch=3",
+        ),
+    ],
+)
+def test_upstream_target_is_rebuilt(method, target, upstream):
+    assert upstream_target(parse(method, target)) == upstream
+
+
+def test_create_only_precondition_replaces_caller_value():
+    operation = parse(
+        "POST", "/upload/storage/v1/b/bkt/o?uploadType=media&name=x&ifGenerationMatch=7"
+    )
+    assert "ifGenerationMatch=0" in upstream_target(operation.with_param("ifGenerationMatch", "0"))
+    assert "ifGenerationMatch=7" not in upstream_target(
+        operation.with_param("ifGenerationMatch", "0")
+    )
+
+
+def test_upstream_headers_drop_credentials_and_hop_by_hop():
+    incoming = {
+        "Authorization": "Bearer caller-token",
+        "Cookie": "session=1",
+        "Connection": "keep-alive, X-Secret",
+        "X-Secret": "1",
+        "X-Forwarded-For": "1.2.3.4",
+        "X-Forwarded-Host": "evil",
+        "Proxy-Authorization": "Basic x",
+        "Range": "bytes=0-9",
+        "If-None-Match": '"etag"',
+        "X-Goog-Encryption-Key": "k",
+        "X-Goog-User-Project": "p",
+    }
+    headers = upstream_headers(incoming, "sidecar-token")
+    assert headers == {
+        "Authorization": "Bearer sidecar-token",
+        "Range": "bytes=0-9",
+        "If-None-Match": '"etag"',
+        "X-Goog-Encryption-Key": "k",
+    }
+
+
+def test_errors_render_in_gcs_shape():
+    error: ProxyError = Forbidden("no")
+    assert error.body() == {
+        "error": {
+            "code": 403,
+            "message": "no",
+            "errors": [{"domain": "global", "reason": "forbidden", "message": "no"}],
+        }
+    }

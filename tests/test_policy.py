@@ -1,0 +1,291 @@
+"""Policy loading (every error, with file:line) and evaluation (deny wins, default deny, templates)."""
+
+from __future__ import annotations
+
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from proxy.policy import (
+    Access,
+    Identity,
+    Mode,
+    PolicyError,
+    Verb,
+    compile_policy,
+    evaluate,
+    load_policy,
+)
+from proxy.policy.evaluate import evaluate_all
+
+EXAMPLE = Path(__file__).resolve().parent.parent / "policies" / "example.yaml"
+GOOGLE = "https://accounts.google.com"
+ALICE = Identity(GOOGLE, "1", "alice@example.com")
+BOB = Identity(GOOGLE, "2", "bob@analytics.example.com")
+ETL = Identity(GOOGLE, "3", "etl@acme-prod.iam.gserviceaccount.com")
+STRANGER = Identity(GOOGLE, "4", "mallory@example.net")
+
+
+def write(tmp_path: Path, text: str, name: str = "policy.yaml") -> Path:
+    path = tmp_path / name
+    path.write_text(textwrap.dedent(text))
+    return path
+
+
+def errors_of(path: Path) -> list[str]:
+    with pytest.raises(PolicyError) as caught:
+        load_policy(path)
+    return caught.value.errors
+
+
+@pytest.fixture(scope="module")
+def example():
+    return compile_policy(load_policy(EXAMPLE))
+
+
+def decide(index, identity, verb, resource):
+    bucket, _, path = resource.removeprefix("gs://").partition("/")
+    return evaluate(index, identity, Access(Verb(verb), bucket, path))
+
+
+def test_example_policy_loads_with_sources(example):
+    policy = example.policy
+    assert [r.id for r in policy.rules] == [
+        "analysts-read-reports",
+        "etl-writes-reports",
+        "per-user-home",
+        "never-secrets",
+    ]
+    assert str(policy.rules[0].source) == f"{EXAMPLE}:21"
+    assert policy.mode is Mode.ENFORCE
+    assert len(policy.revision) == 16
+
+
+@pytest.mark.parametrize(
+    ("identity", "verb", "resource", "allowed", "rule"),
+    [
+        (ALICE, "read", "gs://acme-reports/reports/2026/q1.csv", True, "analysts-read-reports"),
+        (BOB, "list", "gs://acme-reports/shared/", True, "analysts-read-reports"),
+        (ALICE, "read", "gs://acme-reports/reports/secret/pay.csv", False, "never-secrets"),
+        (ETL, "write", "gs://acme-reports/reports/secret/x", False, "never-secrets"),
+        (ALICE, "write", "gs://acme-reports/reports/x", False, None),
+        (ALICE, "read", "gs://acme-reports/reportsX/y", False, None),
+        (ALICE, "read", "gs://other-bucket/reports/x", False, None),
+        (STRANGER, "read", "gs://acme-reports/reports/2026/q1.csv", False, None),
+        (ALICE, "delete", "gs://acme-home/home/alice@example.com/n.txt", True, "per-user-home"),
+        (ALICE, "read", "gs://acme-home/home/bob@example.com/n.txt", False, None),
+        (ALICE, "read", "gs://acme-home/home/alice@example.com.evil/n.txt", False, None),
+        (ETL, "write", "gs://acme-reports/reports/2026/q2.csv", True, "etl-writes-reports"),
+    ],
+)
+def test_example_decisions(example, identity, verb, resource, allowed, rule):
+    decision = decide(example, identity, verb, resource)
+    assert (decision.allowed, decision.rule_id) == (allowed, rule)
+
+
+def test_default_deny_reason_names_verb_and_resource(example):
+    decision = decide(example, STRANGER, "read", "gs://acme-reports/reports/a")
+    assert decision.reason == "no rule grants read on gs://acme-reports/reports/a"
+
+
+def test_unverified_email_matches_nothing_but_subject(tmp_path):
+    path = write(
+        tmp_path,
+        f"""
+        version: 1
+        issuers: [{{issuer: "{GOOGLE}", audiences: [a]}}]
+        rules:
+          - {{id: by-domain, principals: ["domain:example.com"], bucket: bkt, prefixes: [""], verbs: [read]}}
+          - {{id: by-subject, principals: ["subject:{GOOGLE}#42"], bucket: bkt, prefixes: ["s/"], verbs: [read]}}
+        """,
+    )
+    index = compile_policy(load_policy(path))
+    unverified = Identity(GOOGLE, "42", None)
+    assert not decide(index, unverified, "read", "gs://bkt/x").allowed
+    assert decide(index, unverified, "read", "gs://bkt/s/x").rule_id == "by-subject"
+
+
+@pytest.mark.parametrize(
+    ("email", "subject"),
+    [("a/b@example.com", "1"), ("..@example.com", "1"), ("x\n@example.com", "1")],
+)
+def test_unsafe_template_values_never_match(tmp_path, email, subject):
+    path = write(
+        tmp_path,
+        f"""
+        version: 1
+        issuers: [{{issuer: "{GOOGLE}", audiences: [a]}}]
+        rules:
+          - id: home
+            principals: [allAuthenticatedUsers]
+            bucket: bkt
+            prefixes: ["home/${{email}}/", "sub/${{sub}}/"]
+            verbs: [read]
+        """,
+    )
+    index = compile_policy(load_policy(path))
+    identity = Identity(GOOGLE, subject, email)
+    assert not decide(index, identity, "read", f"gs://bkt/home/{email}/x").allowed
+    assert decide(index, identity, "read", "gs://bkt/sub/1/x").allowed
+
+
+def test_empty_sub_never_matches_template(tmp_path):
+    path = write(
+        tmp_path,
+        f"""
+        version: 1
+        issuers: [{{issuer: "{GOOGLE}", audiences: [a]}}]
+        rules:
+          - {{id: home, principals: [allAuthenticatedUsers], bucket: bkt, prefixes: ["u/${{sub}}/"], verbs: [read]}}
+        """,
+    )
+    index = compile_policy(load_policy(path))
+    assert not decide(index, Identity(GOOGLE, "", None), "read", "gs://bkt/u//x").allowed
+
+
+def test_every_error_reported_at_once_with_lines(tmp_path):
+    path = write(
+        tmp_path,
+        """\
+        version: 1
+        colour: blue
+        issuers:
+          - issuer: http://login.example.com
+            audiences: [x]
+          - issuer: https://login.example.com
+          - issuer: https://other.example.com
+            audiences: [y]
+            algorithms: [HS256, none]
+        groups:
+          team: ["user:alice@example.com", "nonsense"]
+        rules:
+          - id: a
+            principals: ["group:ghosts"]
+            bucket: bkt
+            prefixes: [""]
+            verbs: [read, fly]
+          - id: a
+            principals: [allUsers]
+            bucket: Bad_Bucket
+            prefixes: ["${nope}/"]
+            verbs: read
+            extra: 1
+        """,
+    )
+    errors = errors_of(path)
+    expected = [
+        (2, "unknown key 'colour'"),
+        (4, "http:// is allowed only on loopback"),
+        (6, "missing required key 'audiences'"),
+        (9, "algorithm 'HS256' is not allowed"),
+        (9, "algorithm 'none' is not allowed"),
+        (11, "invalid principal 'nonsense'"),
+        (17, "unknown verb 'fly'"),
+        (18, "duplicate rule id 'a'"),
+        (19, "allUsers is not supported"),
+        (20, "invalid bucket name"),
+        (21, "unknown template variable ${nope}"),
+        (22, "verbs must be a list"),
+        (23, "unknown key 'extra'"),
+        (14, "undefined group 'ghosts'"),
+    ]
+    for line, text in expected:
+        assert any(e.startswith(f"{path}:{line}: ") and text in e for e in errors), (
+            line,
+            text,
+            errors,
+        )
+    assert len(errors) == len(expected), errors
+
+
+def test_wrong_version_and_types(tmp_path):
+    path = write(
+        tmp_path,
+        """\
+        version: 2
+        """,
+    )
+    assert errors_of(path)[0] == f"{path}:1: version must be between 1 and 1"
+    typed = write(
+        tmp_path,
+        f"""\
+        version: 1
+        mode: enforce-ish
+        issuers: [{{issuer: "{GOOGLE}", audiences: [a], leeway_seconds: "30"}}]
+        groups: [not, a, mapping]
+        rules: {{}}
+        """,
+        "typed.yaml",
+    )
+    errors = errors_of(typed)
+    assert f"{typed}:2: mode must be 'enforce' or 'audit', not 'enforce-ish'" in errors
+    assert f"{typed}:3: leeway_seconds must be an integer" in errors
+    assert f"{typed}:4: groups must be a mapping of group name to principals" in errors
+    assert f"{typed}:5: rules must be a list" in errors
+
+
+def test_duplicate_yaml_keys_and_bad_yaml(tmp_path):
+    dup = write(tmp_path, "version: 1\nversion: 1\n", "dup.yaml")
+    assert any(":2: policy: duplicate key 'version'" in e for e in errors_of(dup))
+    bad = write(tmp_path, "version: 1\nrules: [\n", "bad.yaml")
+    assert errors_of(bad)[0].startswith(f"{bad}:")
+    assert "invalid YAML" in errors_of(bad)[0]
+
+
+def test_directory_merges_files_and_skips_tests(tmp_path):
+    write(tmp_path, f"version: 1\nissuers: [{{issuer: '{GOOGLE}', audiences: [a]}}]\n", "a.yaml")
+    write(
+        tmp_path,
+        "version: 1\nrules: [{id: r, principals: [allAuthenticatedUsers], bucket: bkt, prefixes: [p/], verbs: [read]}]\n",
+        "b.yaml",
+    )
+    write(tmp_path, "this is: [not loaded\n", "b_test.yaml")
+    policy = load_policy(tmp_path)
+    assert [r.id for r in policy.rules] == ["r"]
+    assert len(policy.files) == 2
+
+
+def test_duplicate_ids_across_files(tmp_path):
+    rule = "rules: [{id: r, principals: [allAuthenticatedUsers], bucket: bkt, prefixes: [p/], verbs: [read]}]\n"
+    write(
+        tmp_path, f"version: 1\nissuers: [{{issuer: '{GOOGLE}', audiences: [a]}}]\n{rule}", "a.yaml"
+    )
+    write(tmp_path, f"version: 1\n{rule}", "b.yaml")
+    errors = errors_of(tmp_path)
+    assert any("b.yaml:2: duplicate rule id 'r'" in e and "a.yaml:3" in e for e in errors), errors
+
+
+def test_well_known_issuers_get_keys_and_algorithms(example):
+    google, iap = example.policy.issuers
+    assert google.jwks_uri == "https://www.googleapis.com/oauth2/v3/certs"
+    assert google.algorithms == ("RS256",)
+    assert iap.header == "x-goog-iap-jwt-assertion"
+    assert iap.algorithms == ("ES256",)
+
+
+def test_operation_needs_every_access(example):
+    accesses = (
+        Access(Verb.READ, "acme-reports", "reports/a"),
+        Access(Verb.WRITE, "acme-reports", "shared/b"),
+    )
+    decision = evaluate_all(example, ALICE, accesses)
+    assert not decision.allowed
+    assert decision.access.verb is Verb.WRITE
+
+
+def test_index_cost_does_not_depend_on_rule_count(tmp_path):
+    rules = "\n".join(
+        f"  - {{id: r{i}, principals: ['user:u{i}@example.com'], bucket: b{i % 7}x, prefixes: ['p{i}/'], verbs: [read]}}"
+        for i in range(2000)
+    )
+    path = write(
+        tmp_path,
+        f"version: 1\nissuers: [{{issuer: '{GOOGLE}', audiences: [a]}}]\nrules:\n{rules}\n",
+    )
+    index = compile_policy(load_policy(path))
+    who = Identity(GOOGLE, "9", "u1234@example.com")
+    assert decide(index, who, "read", "gs://b2x/p1234/file").rule_id == "r1234"
+    assert not decide(index, who, "read", "gs://b2x/p1235/file").allowed
+    # Only the caller's own principals' tables are consulted.
+    assert len(index.tables) == 2000
