@@ -5,108 +5,27 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
 
 import aiohttp
 from aiohttp import web
 from opentelemetry import trace
 
 from proxy import audit
-from proxy.credentials import TokenSource
+from proxy.components import COMPONENTS, RECORD, Components
 from proxy.errors import BadRequest, Forbidden, ProxyError, error_response
-from proxy.forward import Body, Forwarder, Outcome, stream_body
+from proxy.forward import Body, Outcome, stream_body
 from proxy.gcs.metadata import checked_metadata, parse_metadata, read_bounded
 from proxy.gcs.multipart import read_multipart
 from proxy.gcs.operation import Kind, Operation, parse_request
-from proxy.identity import TokenVerifier
+from proxy.observe import trace_and_audit
 from proxy.policy import Access, Decision, Identity, PolicyIndex, Verb, evaluate, evaluate_all
-from proxy.telemetry import Telemetry, extract
 
 log = logging.getLogger(__name__)
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+__all__ = ["Components", "admin_app", "data_app", "upstream_session"]
 
 
-@dataclass
-class Components:
-    """Everything the pipeline consults; swapped as a whole on policy reload."""
-
-    policy: PolicyIndex
-    verifier: TokenVerifier
-    tokens: TokenSource
-    forwarder: Forwarder
-    telemetry: Telemetry
-    project: str | None = None
-    ready_checks: list[Callable[[], bool]] = field(default_factory=list)
-
-    @property
-    def ready(self) -> bool:
-        return self.tokens.ready and all(check() for check in self.ready_checks)
-
-
-COMPONENTS = web.AppKey("components", Components)
-RECORD = "gcs_iap_proxy.audit_record"
-
-
-# -- middlewares: tracing + audit, then error rendering ------------------------------------
-
-
-@web.middleware
-async def trace_and_audit(request: web.Request, handler: Handler) -> web.StreamResponse:
-    components = request.app[COMPONENTS]
-    record = audit.AuditRecord(
-        method=request.method,
-        path=request.raw_path.partition("?")[0],
-        user_agent=request.headers.get("User-Agent"),
-        remote_ip=request.remote,
-    )
-    request[RECORD] = record
-    tracer = components.telemetry.tracer
-    with tracer.start_as_current_span(
-        f"{request.method}", kind=trace.SpanKind.SERVER, context=extract(request.headers)
-    ) as span:
-        try:
-            response = await handler(request)
-            record.status = response.status
-            return response
-        except BaseException:
-            record.status = record.status or 499
-            raise
-        finally:
-            _finish_span(span, record)
-            if record.decision is not None or record.status == 401:
-                record.policy_revision = components.policy.revision
-                audit.write(record, components.project)
-
-
-def _finish_span(span: trace.Span, record: audit.AuditRecord) -> None:
-    context = span.get_span_context()
-    if context.is_valid:
-        record.trace_id = f"{context.trace_id:032x}"
-        record.span_id = f"{context.span_id:016x}"
-        record.sampled = context.trace_flags.sampled
-    if not span.is_recording():
-        return
-    span.update_name(f"{record.method} {record.operation or 'unmatched'}")
-    attributes: dict[str, str | int] = {
-        "http.request.method": record.method,
-        "url.path": record.path,
-        "http.response.status_code": record.status,
-        "authz.decision": record.decision or "deny",
-        "authz.policy_revision": record.policy_revision or "",
-    }
-    optional = {
-        "enduser.id": (record.identity or {}).get("email")
-        or (record.identity or {}).get("subject"),
-        "authz.verb": record.verb,
-        "authz.rule_id": record.rule_id,
-        "user_agent.original": record.user_agent,
-        "client.address": record.remote_ip,
-        "gcs.operation": record.operation,
-    }
-    span.set_attributes(attributes)
-    span.set_attributes({k: v for k, v in optional.items() if v})
-    if record.status >= 500:
-        span.set_status(trace.StatusCode.ERROR)
+# -- middlewares: error rendering (tracing and audit live in proxy.observe) -------------
 
 
 @web.middleware
@@ -143,6 +62,12 @@ async def handle(request: web.Request) -> web.StreamResponse:
     record.identity = _identity_fields(identity)
     operation, body = await parse(request, identity, components.policy)
     record.operation = operation.kind.value
+    record.route = operation.route
+    record.bucket, record.object, record.prefix = (
+        operation.bucket,
+        operation.object,
+        operation.prefix,
+    )
     with tracer.start_as_current_span("authorize"):
         operation = authorize(components.policy, identity, operation, record)
     token = await components.tokens.token()

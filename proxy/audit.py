@@ -32,6 +32,10 @@ class AuditRecord:
     started: float = field(default_factory=time.perf_counter)
     identity: dict[str, str] | None = None
     operation: str | None = None
+    route: str | None = None
+    bucket: str | None = None
+    object: str | None = None
+    prefix: str | None = None
     verb: str | None = None
     resource: str | None = None
     decision: str | None = None
