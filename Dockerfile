@@ -1,20 +1,40 @@
 # syntax=docker/dockerfile:1
-# gcs-iap-proxy: multi-stage build; the final image has no compiler, no pip, no tests.
+# gcs-iap-proxy sidecar image.
+#   build:   a virtual environment from requirements.lock (hashes required, wheels only),
+#            then the project's own wheel with --no-deps
+#   runtime: the slim base plus that environment; no compiler, no pip, no tests, non-root
+# The same install steps run in CI without Docker: tests/test_deploy_install.py.
 
-FROM python:3.11-slim-bookworm AS build
-ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
+ARG PYTHON_IMAGE=python:3.11-slim-bookworm
+
+FROM ${PYTHON_IMAGE} AS build
+ENV PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1
 WORKDIR /src
+RUN python -m venv /opt/venv
+COPY requirements.lock ./
+RUN /opt/venv/bin/pip install --no-cache-dir --require-hashes --only-binary=:all: \
+        -r requirements.lock
 COPY pyproject.toml README.md ./
 COPY proxy ./proxy
-RUN python -m venv /opt/venv \
-    && /opt/venv/bin/pip install --no-compile . \
-    && /opt/venv/bin/pip uninstall --yes pip setuptools wheel
+RUN pip wheel --no-cache-dir --no-deps --wheel-dir /tmp/dist . \
+    && /opt/venv/bin/pip install --no-cache-dir --no-deps /tmp/dist/gcs_iap_proxy-*.whl \
+    && /opt/venv/bin/pip uninstall --yes pip setuptools
 
-FROM python:3.11-slim-bookworm
+FROM ${PYTHON_IMAGE} AS runtime
+LABEL org.opencontainers.image.title="gcs-iap-proxy" \
+      org.opencontainers.image.description="Identity-aware Cloud Storage sidecar" \
+      org.opencontainers.image.licenses="Apache-2.0"
+# Probes come from outside the container's loopback (Cloud Run and the kubelet alike),
+# so the admin listener (/healthz, /readyz only) binds every interface; the data port
+# stays on loopback, reachable only from containers sharing the instance or pod.
 ENV PATH=/opt/venv/bin:$PATH \
     PYTHONDONTWRITEBYTECODE=1 \
-    PYTHONUNBUFFERED=1
-RUN rm -rf /usr/local/lib/python3.11/site-packages/pip /usr/local/bin/pip*
+    PYTHONUNBUFFERED=1 \
+    PROXY_LISTEN=127.0.0.1:9180 \
+    PROXY_ADMIN_LISTEN=0.0.0.0:9181
+RUN python -m pip uninstall --yes pip setuptools wheel \
+    && rm -rf "$(python -c 'import ensurepip, os; print(os.path.dirname(ensurepip.__file__))')"
 COPY --from=build /opt/venv /opt/venv
 USER 65532:65532
 EXPOSE 9181

@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test lint format install clean
+.PHONY: run test lint format install lock clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -28,6 +28,16 @@ format: $(STAMP)
 
 test: lint
 	$(BIN)/python -m pytest
+
+# requirements.lock: the image's runtime dependencies (pyproject's [project] dependencies
+# only), pinned with hashes for every platform's files. Run after changing those
+# dependencies, with the Python of the Dockerfile's base image; PyPI only, so the lock
+# names no machine-local index. Existing pins are kept; `make lock LOCK_FLAGS=--upgrade`
+# moves every pin to the newest release.
+lock: $(STAMP)
+	env -u PIP_FIND_LINKS PIP_CONFIG_FILE=/dev/null $(BIN)/pip-compile --quiet $(LOCK_FLAGS) \
+		--generate-hashes --strip-extras --allow-unsafe --no-emit-index-url \
+		--no-emit-find-links --output-file requirements.lock pyproject.toml
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

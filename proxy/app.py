@@ -5,19 +5,29 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable, Callable
+from dataclasses import replace
 
 import aiohttp
 from aiohttp import web
-from opentelemetry import trace
 
 from proxy import audit
 from proxy.components import COMPONENTS, RECORD, Components
-from proxy.errors import BadRequest, Forbidden, ProxyError, error_response
-from proxy.forward import Body, Outcome, stream_body
-from proxy.gcs.metadata import checked_metadata, parse_metadata, read_bounded
-from proxy.gcs.multipart import read_multipart
-from proxy.gcs.operation import Kind, Operation, parse_request
-from proxy.observe import trace_and_audit
+from proxy.errors import (
+    BadRequest,
+    Forbidden,
+    MethodNotAllowed,
+    NotFound,
+    PayloadTooLarge,
+    ProxyError,
+    error_response,
+)
+from proxy.forward import Outcome, ResponsePlan
+from proxy.gcs.bodies import read_body
+from proxy.gcs.operation import WRITES, Kind, Operation
+from proxy.gcs.parse import parse_request
+from proxy.gcs.sessions import InvalidSession, SessionSealer, UploadSession
+from proxy.limits import LIMITS, Limits, body_deadline, limit_requests
+from proxy.observe import authenticating, authorizing, calling_upstream, trace_and_audit
 from proxy.policy import Access, Decision, Identity, PolicyIndex, Verb, evaluate, evaluate_all
 
 log = logging.getLogger(__name__)
@@ -44,9 +54,13 @@ async def render_errors(request: web.Request, handler: Handler) -> web.StreamRes
 
 
 def _from_http_exception(exc: web.HTTPException) -> ProxyError:
-    error = ProxyError(exc.reason)
-    error.status = exc.status  # type: ignore[misc]
-    return error
+    kinds: dict[int, type[ProxyError]] = {
+        400: BadRequest,
+        404: NotFound,
+        405: MethodNotAllowed,
+        413: PayloadTooLarge,
+    }
+    return kinds.get(exc.status, BadRequest if exc.status < 500 else ProxyError)(exc.reason)
 
 
 # -- the pipeline -----------------------------------------------------------------------
@@ -55,32 +69,27 @@ def _from_http_exception(exc: web.HTTPException) -> ProxyError:
 async def handle(request: web.Request) -> web.StreamResponse:
     """authenticate → parse → authorise → forward."""
     components = request.app[COMPONENTS]
+    policy = components.policy  # one revision decides the whole request, even across a reload
     record: audit.AuditRecord = request[RECORD]
     tracer = components.telemetry.tracer
-    with tracer.start_as_current_span("authenticate"):
+    with authenticating(tracer, record):
         identity = await components.verifier.verify(request.headers)
     record.identity = _identity_fields(identity)
-    operation, body = await parse(request, identity, components.policy)
-    record.operation = operation.kind.value
-    record.route = operation.route
-    record.bucket, record.object, record.prefix = (
-        operation.bucket,
-        operation.object,
-        operation.prefix,
-    )
-    with tracer.start_as_current_span("authorize"):
-        operation = authorize(components.policy, identity, operation, record)
+    operation = parse_request(request.method, request.raw_path, request.headers)
+    _check_billing(operation, policy)
+    session = _open_session(components.sessions, operation, identity)
+    if session is not None:
+        operation = _in_session(operation, session)
+    async with body_deadline(request.app[LIMITS].body_timeout):
+        operation, body = await read_body(operation, request.headers, request.content)
+    _describe(record, operation)
+    with authorizing(tracer, record):
+        operation = authorize(policy, identity, operation, record)
     token = await components.tokens.token()
-    keep = _list_filter(components.policy, identity, operation)
+    plan = _plan(components.sessions, policy, identity, operation, session)
     outcome = Outcome()
-    with tracer.start_as_current_span("upstream", kind=trace.SpanKind.CLIENT) as span:
-        try:
-            return await components.forwarder.forward(
-                request, operation, body, token, keep, outcome
-            )
-        finally:
-            record.response_bytes = outcome.response_bytes
-            span.set_attribute("http.response.status_code", outcome.status)
+    with calling_upstream(components, operation, outcome, record):
+        return await components.forwarder.forward(request, operation, body, token, plan, outcome)
 
 
 def _identity_fields(identity: Identity) -> dict[str, str]:
@@ -90,61 +99,38 @@ def _identity_fields(identity: Identity) -> dict[str, str]:
     return fields
 
 
-async def parse(
-    request: web.Request, identity: Identity, policy: PolicyIndex
-) -> tuple[Operation, Body]:
-    """The operation and the upstream body; reads only bounded metadata, never media."""
-    operation = parse_request(request.method, request.raw_path, request.headers)
-    if (
-        operation.user_project is not None
-        and operation.user_project not in policy.policy.user_projects
-    ):
-        raise Forbidden(
-            f"billing project {operation.user_project!r} may not be used through this proxy"
-        )
-    if operation.kind is Kind.INSERT_MEDIA:
-        return operation, _media_body(request)
-    if operation.kind is Kind.INSERT_MULTIPART:
-        upload = await read_multipart(request.headers, request.content)
-        metadata, name, extra = checked_metadata(
-            upload.metadata, operation.bucket, operation.object
-        )
-        operation = _with_object(operation, name, Verb.WRITE, extra)
-        content_type, data = upload.rebuilt(metadata)
-        return operation, Body(data, (("Content-Type", content_type),))
-    if operation.kind in {Kind.PATCH, Kind.UPDATE}:
-        raw = await read_bounded(request.content.iter_any())
-        metadata, _, extra = checked_metadata(
-            parse_metadata(raw), operation.bucket, operation.object
-        )
-        operation = _with_object(operation, operation.object or "", Verb.METADATA, extra)
-        import json
-
-        return operation, Body(
-            json.dumps(metadata).encode(), (("Content-Type", "application/json"),)
-        )
-    return operation, Body()
+def _describe(record: audit.AuditRecord, operation: Operation) -> None:
+    record.operation = operation.kind.value
+    record.route = operation.route
+    record.bucket, record.object, record.prefix = (
+        operation.bucket,
+        operation.object,
+        operation.prefix,
+    )
 
 
-def _media_body(request: web.Request) -> Body:
-    headers = [("Content-Type", request.headers.get("Content-Type", "application/octet-stream"))]
-    if request.content_length is not None:
-        headers.append(("Content-Length", str(request.content_length)))
-    elif request.headers.get("Transfer-Encoding", "").lower() != "chunked":
-        raise BadRequest("a media upload needs Content-Length or chunked encoding")
-    return Body(stream_body(request.content), tuple(headers))
+def _check_billing(operation: Operation, policy: PolicyIndex) -> None:
+    project = operation.user_project
+    if project is not None and project not in policy.policy.user_projects:
+        raise Forbidden(f"billing project {project!r} may not be used through this proxy")
 
 
-def _with_object(
-    operation: Operation, name: str, verb: Verb, extra: tuple[Access, ...]
-) -> Operation:
-    from dataclasses import replace
+def _open_session(
+    sealer: SessionSealer, operation: Operation, identity: Identity
+) -> UploadSession | None:
+    if operation.upload_handle is None:
+        return None
+    session = sealer.open(operation.upload_handle)
+    if session.bucket != operation.bucket:
+        raise InvalidSession("no such upload session")
+    if (session.issuer, session.subject) != (identity.issuer, identity.subject):
+        raise Forbidden("this upload session belongs to another identity")
+    return session
 
-    from proxy.gcs.rawurl import check_object_name
 
-    check_object_name(name)
-    accesses = (Access(verb, operation.bucket, name), *extra)
-    return replace(operation, object=name, accesses=accesses)
+def _in_session(operation: Operation, session: UploadSession) -> Operation:
+    access = Access(Verb.WRITE, session.bucket, session.object)
+    return replace(operation, object=session.object, accesses=(access,))
 
 
 def authorize(
@@ -157,12 +143,36 @@ def authorize(
             raise Forbidden(_refusal(identity, decision))
         record.enforced = False
         return operation
-    if operation.kind in {Kind.INSERT_MEDIA, Kind.INSERT_MULTIPART}:
+    if operation.kind in WRITES:
         overwrite = Access(Verb.DELETE, operation.bucket, operation.object or "")
         if not evaluate(policy, identity, overwrite).allowed:
             # write without delete: create only, as Cloud Storage IAM would have it.
             return operation.with_param("ifGenerationMatch", "0")
     return operation
+
+
+def _plan(
+    sealer: SessionSealer,
+    policy: PolicyIndex,
+    identity: Identity,
+    operation: Operation,
+    session: UploadSession | None,
+) -> ResponsePlan:
+    if operation.kind is Kind.LIST and policy.enforcing:
+        bucket = operation.bucket
+        return ResponsePlan(
+            keep=lambda name: evaluate(policy, identity, Access(Verb.LIST, bucket, name)).allowed
+        )
+    if operation.kind is Kind.RESUMABLE_START:
+        bucket, name = operation.bucket, operation.object or ""
+        return ResponsePlan(
+            mint_session=lambda upload_id: sealer.new(
+                identity.issuer, identity.subject, bucket, name, upload_id
+            )
+        )
+    if session is not None:
+        return ResponsePlan(upload_id=session.upload_id)
+    return ResponsePlan()
 
 
 def _record_decision(record: audit.AuditRecord, decision: Decision, policy: PolicyIndex) -> None:
@@ -178,23 +188,19 @@ def _refusal(identity: Identity, decision: Decision) -> str:
     return f"{identity.display} does not have {decision.access.verb.value} access to {decision.access.resource}"
 
 
-def _list_filter(
-    policy: PolicyIndex, identity: Identity, operation: Operation
-) -> Callable[[str], bool]:
-    if operation.kind is not Kind.LIST or not policy.enforcing:
-        return lambda _: True
-    return lambda name: (
-        evaluate(policy, identity, Access(Verb.LIST, operation.bucket, name)).allowed
-    )
-
-
 # -- assembly ---------------------------------------------------------------------------
 
 
-def data_app(components: Components) -> web.Application:
-    app = web.Application(middlewares=[trace_and_audit, render_errors], client_max_size=1 << 20)
+def data_app(components: Components, limits: Limits | None = None) -> web.Application:
+    limits = limits or Limits()
+    app = web.Application(
+        middlewares=[limit_requests(limits), trace_and_audit, render_errors],
+        client_max_size=1 << 20,
+    )
     app[COMPONENTS] = components
-    app.router.add_route("*", "/{tail:.*}", handle)
+    app[LIMITS] = limits
+    # Every target reaches `handle` (even ones with encoded newlines): it parses the raw path.
+    app.router.add_route("*", r"/{tail:[\s\S]*}", handle)
     return app
 
 
@@ -220,6 +226,11 @@ def upstream_session(connect_timeout: float, read_timeout: float) -> aiohttp.Cli
     timeout = aiohttp.ClientTimeout(
         total=None, sock_connect=connect_timeout, sock_read=read_timeout
     )
-    return aiohttp.ClientSession(
+    session = aiohttp.ClientSession(
         connector=connector, timeout=timeout, auto_decompress=False, trust_env=False
     )
+    # Whether a request may be sent again is proxy.retry's call (Cloud Storage's idempotency
+    # rules): aiohttp's own resend of any DELETE/PUT after a reset would overrule it.
+    if hasattr(session, "_retry_connection"):
+        session._retry_connection = False
+    return session

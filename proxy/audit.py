@@ -29,7 +29,9 @@ class AuditRecord:
     path: str
     user_agent: str | None
     remote_ip: str | None
+    query: str = ""  # with every value that could be a secret already redacted
     started: float = field(default_factory=time.perf_counter)
+    seconds: float | None = None
     identity: dict[str, str] | None = None
     operation: str | None = None
     route: str | None = None
@@ -44,21 +46,33 @@ class AuditRecord:
     reason: str | None = None
     policy_revision: str | None = None
     status: int = 0
+    request_bytes: int = 0
     response_bytes: int = 0
     trace_id: str | None = None
     span_id: str | None = None
     sampled: bool = False
 
+    @property
+    def who(self) -> str | None:
+        identity = self.identity or {}
+        return identity.get("email") or identity.get("subject")
+
+    @property
+    def url(self) -> str:
+        return f"{self.path}?{self.query}" if self.query else self.path
+
     def entry(self, project: str | None) -> dict[str, Any]:
-        latency = time.perf_counter() - self.started
+        """The record as a Cloud Logging structured entry (the jsonPayload of a LogEntry)."""
+        latency = self.seconds if self.seconds is not None else time.perf_counter() - self.started
         decision = self.decision or "deny"
         entry: dict[str, Any] = {
             "severity": "NOTICE" if decision == "allow" else "WARNING",
             "message": self.message(decision),
             "httpRequest": {
                 "requestMethod": self.method,
-                "requestUrl": self.path,
+                "requestUrl": self.url,
                 "status": self.status,
+                "requestSize": str(self.request_bytes),
                 "responseSize": str(self.response_bytes),
                 "userAgent": self.user_agent,
                 "remoteIp": self.remote_ip,
@@ -74,6 +88,7 @@ class AuditRecord:
                 "rule_id": self.rule_id,
                 "reason": self.reason,
                 "policy_revision": self.policy_revision,
+                "latency_ms": round(latency * 1000, 3),
             },
             "logging.googleapis.com/labels": {"component": "gcs-iap-proxy"},
         }
@@ -85,12 +100,8 @@ class AuditRecord:
         return entry
 
     def message(self, decision: str) -> str:
-        who = (
-            (self.identity or {}).get("email")
-            or (self.identity or {}).get("subject")
-            or "anonymous"
-        )
         what = f"{self.verb} {self.resource}" if self.verb else f"{self.method} {self.path}"
+        who = self.who or "anonymous"
         return f"{decision} {what} for {who}" + (f" (rule {self.rule_id})" if self.rule_id else "")
 
 
@@ -117,7 +128,10 @@ class TextFormatter(logging.Formatter):
             return f"{record.levelname.lower():7} {record.getMessage()}"
         audit = entry["audit"]
         http = entry["httpRequest"]
-        return f"audit   {http['status']} {entry['message']} [{audit['reason']}] rev={audit['policy_revision']}"
+        return (
+            f"audit   {http['status']} {entry['message']} [{audit['reason']}] "
+            f"rev={audit['policy_revision']} {http['latency']}"
+        )
 
 
 _listener: logging.handlers.QueueListener | None = None

@@ -9,6 +9,7 @@ from aiohttp import web
 
 from proxy.credentials import TokenSource
 from proxy.forward import Forwarder
+from proxy.gcs.sessions import SessionSealer, session_key
 from proxy.identity import TokenVerifier
 from proxy.policy import PolicyIndex
 from proxy.telemetry import Telemetry
@@ -24,15 +25,12 @@ class Components:
     forwarder: Forwarder
     telemetry: Telemetry
     project: str | None = None
+    sessions: SessionSealer = field(default_factory=lambda: SessionSealer(session_key()))
     ready_checks: list[Callable[[], bool]] = field(default_factory=list)
 
     @property
     def ready(self) -> bool:
         return self.tokens.ready and all(check() for check in self.ready_checks)
-
-
-COMPONENTS = web.AppKey("components", Components)
-RECORD = "gcs_iap_proxy.audit_record"
 
 
 COMPONENTS = web.AppKey("components", Components)

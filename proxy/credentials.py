@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
 import logging
 from typing import Any, Protocol
@@ -14,6 +15,8 @@ log = logging.getLogger(__name__)
 SCOPE = "https://www.googleapis.com/auth/devstorage.full_control"
 REFRESH_MARGIN = dt.timedelta(minutes=5)
 _MIN_SLEEP, _MAX_BACKOFF = 1.0, 60.0
+# google-auth retries an unreachable metadata server for ~15 s; a request waits this long at most.
+TOKEN_WAIT = 2.0
 
 
 class TokenSource(Protocol):
@@ -79,9 +82,15 @@ class AdcTokenSource:
 
     async def token(self) -> str:
         if not self._valid():
-            await self.refresh()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.refresh(), TOKEN_WAIT)
         if self._token is None or not self._valid():
-            raise Unavailable("the proxy has no upstream credentials yet; retry shortly")
+            if self.last_error is None and self._token is None:
+                raise Unavailable("the proxy has no upstream credentials yet; retry shortly")
+            raise Unavailable(
+                "the proxy cannot obtain Cloud Storage credentials from the metadata server; "
+                "retry shortly"
+            )
         return self._token
 
     async def refresh(self) -> None:

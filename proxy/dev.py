@@ -120,7 +120,11 @@ async def _run(policy: Policy, policy_path: Path, ports: Ports, storage: FakeGcs
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     try:
-        async with running(settings, with_dev_issuer(policy, issuer_url)) as components:
+        async with running(
+            settings,
+            with_dev_issuer(policy, issuer_url),
+            transform=lambda reloaded: with_dev_issuer(reloaded, issuer_url),
+        ) as components:
             for _ in range(200):
                 if components.ready:
                     break

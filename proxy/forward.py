@@ -2,34 +2,55 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
-from typing import Any
+from urllib.parse import parse_qs, urlsplit
 
 import aiohttp
 from aiohttp import web
 from yarl import URL
 
 from proxy.errors import UpstreamError, UpstreamTimeout
+from proxy.gcs.bodies import Body
 from proxy.gcs.build import response_headers, upstream_headers, upstream_target
 from proxy.gcs.operation import Kind, Operation
-from proxy.gcs.responses import KeepName, reshape_list, reshape_object
+from proxy.gcs.rawurl import encode_segment
+from proxy.gcs.responses import KeepName, reshape
+from proxy.limits import SlowClient
+from proxy.retry import RetryPolicy, StreamedBody, retryable_status
 from proxy.telemetry import inject
 
-STREAM_CHUNK = 1 << 20
 MAX_JSON_RESPONSE = 64 << 20
+SMALL_BODY = 64 << 10  # answers up to this size are relayed whole rather than streamed
 _JSON_KINDS = frozenset(
-    {Kind.GET, Kind.LIST, Kind.INSERT_MEDIA, Kind.INSERT_MULTIPART, Kind.PATCH, Kind.UPDATE}
+    {
+        Kind.GET,
+        Kind.LIST,
+        Kind.INSERT_MEDIA,
+        Kind.INSERT_MULTIPART,
+        Kind.RESUMABLE_CHUNK,
+        Kind.PATCH,
+        Kind.UPDATE,
+        Kind.COPY,
+        Kind.REWRITE,
+        Kind.COMPOSE,
+        Kind.MOVE,
+        Kind.RESTORE,
+        Kind.ACL,
+    }
 )
 
 
 @dataclass(frozen=True)
-class Body:
-    """What goes upstream as the request body, with the headers that describe it."""
+class ResponsePlan:
+    """How to treat Cloud Storage's answer: list filter, session minting, the real upload id."""
 
-    data: Any = None
-    headers: tuple[tuple[str, str], ...] = ()
+    keep: KeepName = lambda _: True
+    mint_session: Callable[[str], str] | None = None
+    upload_id: str | None = None
 
 
 @dataclass
@@ -41,9 +62,17 @@ class Outcome:
 class Forwarder:
     """The upstream HTTP client: one pooled session, requests rebuilt from operations."""
 
-    def __init__(self, session: aiohttp.ClientSession, base_url: str) -> None:
+    def __init__(
+        self,
+        session: aiohttp.ClientSession,
+        base_url: str,
+        retry: RetryPolicy | None = None,
+        idle_timeout: float | None = None,
+    ) -> None:
         self.session = session
         self.base_url = base_url.rstrip("/")
+        self.retry = retry or RetryPolicy()
+        self.idle_timeout = idle_timeout  # a caller's body or download left idle this long: cut
 
     async def forward(
         self,
@@ -51,33 +80,64 @@ class Forwarder:
         operation: Operation,
         body: Body,
         token: str,
-        keep: KeepName,
+        plan: ResponsePlan,
         outcome: Outcome,
     ) -> web.StreamResponse:
         headers = upstream_headers(request.headers, token)
         headers.update(body.headers)
         inject(headers)
-        url = URL(self.base_url + upstream_target(operation), encoded=True)
+        url = URL(self.base_url + upstream_target(operation, plan.upload_id), encoded=True)
+        data = body.data
+        if isinstance(data, AsyncIterator):
+            data = StreamedBody(data, self.idle_timeout)
         try:
-            async with self.session.request(
-                operation.method, url, headers=headers, data=body.data, allow_redirects=False
-            ) as upstream:
+            async with await self._send(operation, url, headers, data) as upstream:
                 outcome.status = upstream.status
+                if plan.mint_session is not None and upstream.status < 300:
+                    return self._session_started(request, operation, upstream, plan.mint_session)
                 if (
                     operation.kind in _JSON_KINDS
                     and upstream.status < 300
                     and operation.method != "HEAD"
                 ):
-                    return await self._json(request, operation, upstream, keep, outcome)
+                    return await self._json(request, operation, upstream, plan.keep, outcome)
                 return await self._stream(request, upstream, outcome)
         except aiohttp.ServerTimeoutError as exc:
             raise UpstreamTimeout("Cloud Storage did not answer in time") from exc
         except TimeoutError as exc:
+            if isinstance(data, StreamedBody) and data.stalled:
+                raise SlowClient(_stalled(self.idle_timeout)) from exc
             raise UpstreamTimeout("Cloud Storage did not answer in time") from exc
         except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError) as exc:
             if request.transport is None or request.transport.is_closing():
                 raise  # the caller went away; nothing left to answer
             raise UpstreamError("could not reach Cloud Storage") from exc
+
+    async def _send(
+        self, operation: Operation, url: URL, headers: dict[str, str], data: object
+    ) -> aiohttp.ClientResponse:
+        """Cloud Storage's answer, retried as its guidance allows (see proxy.retry)."""
+        for attempt in self.retry.tries():
+            try:
+                upstream = await self.session.request(
+                    operation.method, url, headers=headers, data=data, allow_redirects=False
+                )
+            except aiohttp.SocketTimeoutError:
+                raise  # a read timeout already spent its budget: not retried
+            except (aiohttp.ClientConnectionError, aiohttp.ServerTimeoutError) as exc:
+                if not self.retry.may_retry(attempt, operation, data):
+                    raise
+                # A pooled connection the server had closed: resend at once (RFC 9112 9.3.1).
+                stale = attempt == 1 and isinstance(exc, aiohttp.ServerDisconnectedError)
+                await asyncio.sleep(0 if stale else self.retry.delay(attempt))
+                continue
+            if not retryable_status(upstream.status) or not self.retry.may_retry(
+                attempt, operation, data
+            ):
+                return upstream
+            upstream.release()
+            await asyncio.sleep(self.retry.delay(attempt, upstream.headers.get("Retry-After")))
+        raise AssertionError("unreachable: the last attempt always returns or raises")
 
     async def _json(
         self,
@@ -87,18 +147,16 @@ class Forwarder:
         keep: KeepName,
         outcome: Outcome,
     ) -> web.Response:
-        raw = await upstream.content.read(MAX_JSON_RESPONSE + 1)
-        if len(raw) > MAX_JSON_RESPONSE:
-            raise UpstreamError("Cloud Storage sent an oversized metadata response")
+        raw = bytearray()  # content.read(n) returns what has arrived, not the whole body
+        async for chunk in upstream.content.iter_any():
+            raw += chunk
+            if len(raw) > MAX_JSON_RESPONSE:
+                raise UpstreamError("Cloud Storage sent an oversized metadata response")
         try:
             document = json.loads(raw) if raw else {}
         except ValueError as exc:
             raise UpstreamError("Cloud Storage sent a malformed response") from exc
-        origin = f"{request.scheme}://{request.host}"
-        if operation.kind is Kind.LIST:
-            document = reshape_list(document, origin, keep)
-        else:
-            document = reshape_object(document, origin)
+        document = reshape(operation.kind, document, _origin(request), keep)
         payload = json.dumps(document).encode()
         outcome.response_bytes = len(payload)
         headers = response_headers(upstream.headers)
@@ -113,23 +171,77 @@ class Forwarder:
             charset="UTF-8",
         )
 
+    def _session_started(
+        self,
+        request: web.Request,
+        operation: Operation,
+        upstream: aiohttp.ClientResponse,
+        mint: Callable[[str], str],
+    ) -> web.Response:
+        location = upstream.headers.get("Location", "")
+        upload_ids = parse_qs(urlsplit(location).query).get("upload_id", [])
+        if len(upload_ids) != 1 or not upload_ids[0]:
+            raise UpstreamError("Cloud Storage did not open an upload session")
+        handle = mint(upload_ids[0])
+        path = f"/upload/storage/v1/b/{encode_segment(operation.bucket)}/o"
+        proxied = f"{_origin(request)}{path}?uploadType=resumable&upload_id={handle}"
+        headers = response_headers(upstream.headers)
+        headers.pop("Content-Type", None)
+        headers["Location"] = proxied
+        return web.Response(status=upstream.status, headers=headers)
+
     async def _stream(
         self, request: web.Request, upstream: aiohttp.ClientResponse, outcome: Outcome
     ) -> web.StreamResponse:
-        response = web.StreamResponse(
-            status=upstream.status, headers=response_headers(upstream.headers)
-        )
-        if upstream.content_length is not None:
-            response.content_length = upstream.content_length
+        headers = response_headers(upstream.headers)
+        length = upstream.content_length
+        if length is not None and length <= SMALL_BODY and _has_body(request, upstream):
+            # Read whole, so headers and body leave in one write; an upstream failure while
+            # reading is still an error document (502/504), not a cut connection.
+            body = await upstream.read()
+            outcome.response_bytes = len(body)
+            headers = {k: v for k, v in headers.items() if k.lower() != "content-length"}
+            return web.Response(status=upstream.status, body=body, headers=headers)
+        response = web.StreamResponse(status=upstream.status, headers=headers)
+        if length is not None:
+            response.content_length = length
         await response.prepare(request)
-        async for chunk in upstream.content.iter_chunked(STREAM_CHUNK):
-            await response.write(chunk)
-            outcome.response_bytes += len(chunk)
+        try:
+            # iter_any: each chunk as it was received, never copied into a bigger one.
+            async for chunk in upstream.content.iter_any():
+                async with asyncio.timeout(self.idle_timeout):
+                    await response.write(chunk)
+                outcome.response_bytes += len(chunk)
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            # Headers are out: no error document can follow. Cutting the connection is the
+            # only way to tell the caller its body is incomplete (never a clean end).
+            if request.transport is not None:
+                request.transport.abort()
+            raise ConnectionResetError("download cut short") from exc
         await response.write_eof()
+        await _flushed(request, self.idle_timeout)
         return response
 
 
-async def stream_body(content: aiohttp.StreamReader) -> AsyncIterator[bytes]:
-    """The caller's body, chunk by chunk, as it arrives."""
-    async for chunk in content.iter_chunked(STREAM_CHUNK):
-        yield chunk
+async def _flushed(request: web.Request, limit: float | None) -> None:
+    """Wait until the tail of a body has left our buffers for the kernel's: a drain on
+    SIGTERM ends the process once handlers return, and must not drop that tail."""
+    transport = request.transport
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(limit):
+            while transport is not None and not transport.is_closing():
+                if not transport.get_write_buffer_size():
+                    return
+                await asyncio.sleep(0.005)
+
+
+def _has_body(request: web.Request, upstream: aiohttp.ClientResponse) -> bool:
+    return request.method != "HEAD" and upstream.status not in (204, 304)
+
+
+def _stalled(seconds: float | None) -> str:
+    return f"the request body was idle for more than {seconds or 0:g} s"
+
+
+def _origin(request: web.Request) -> str:
+    return f"{request.scheme}://{request.host}"

@@ -1,45 +1,124 @@
-"""Per-request observability: the SERVER span and the audit record written when a request ends."""
+"""Per-request observability: the SERVER span and its steps, request metrics, the audit record."""
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+import time
+from collections.abc import Awaitable, Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager, nullcontext
+from functools import lru_cache
+from types import TracebackType
 
+import aiohttp
 from aiohttp import web
 from opentelemetry import trace
+from yarl import URL
 
 from proxy import audit
-from proxy.components import COMPONENTS, RECORD
+from proxy.components import COMPONENTS, RECORD, Components
+from proxy.errors import ProxyError
+from proxy.forward import Outcome
+from proxy.gcs.build import upstream_target
+from proxy.gcs.operation import Operation
+from proxy.metrics import NULL_METRICS, RequestFacts
 from proxy.telemetry import extract
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+REDACTED = "REDACTED"
+# Query parameters whose values are safe to log; any other value (upload handles,
+# signatures, keys, tokens) is replaced by REDACTED.
+SAFE_PARAMS = frozenset(
+    {
+        "alt", "prefix", "delimiter", "generation", "uploadType", "name", "projection",
+        "maxResults", "pageToken", "versions", "startOffset", "endOffset", "matchGlob",
+        "includeTrailingDelimiter", "includeFoldersAsPrefixes", "softDeleted", "fields",
+        "prettyPrint", "userProject", "contentEncoding", "ifGenerationMatch",
+        "ifGenerationNotMatch", "ifMetagenerationMatch", "ifMetagenerationNotMatch",
+    }
+)  # fmt: skip
+_KNOWN_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+# With no exporter every step is this shared no-op context: no span, no context switch.
+_NOTHING: AbstractContextManager[None] = nullcontext()
+
+
+def safe_query(raw_query: str) -> str:
+    """The raw query with every value not known to be harmless replaced by REDACTED."""
+    if not raw_query:
+        return ""
+    parts = []
+    for item in raw_query.split("&"):
+        name, eq, _ = item.partition("=")
+        parts.append(item if name in SAFE_PARAMS or not eq else f"{name}={REDACTED}")
+    return "&".join(parts)
+
+
+def http_route(route: str | None) -> str | None:
+    """The path template of an operation's route (its `?alt=media`-style suffix dropped)."""
+    return route.partition("?")[0] if route else None
 
 
 @web.middleware
 async def trace_and_audit(request: web.Request, handler: Handler) -> web.StreamResponse:
     components = request.app[COMPONENTS]
+    path, _, query = request.raw_path.partition("?")
     record = audit.AuditRecord(
         method=request.method,
-        path=request.raw_path.partition("?")[0],
+        path=path,
+        query=safe_query(query),
         user_agent=request.headers.get("User-Agent"),
         remote_ip=request.remote,
     )
     request[RECORD] = record
-    tracer = components.telemetry.tracer
-    with tracer.start_as_current_span(
-        f"{request.method}", kind=trace.SpanKind.SERVER, context=extract(request.headers)
-    ) as span:
+    with _server_span(request, components, record) as entered:
+        span = entered or trace.INVALID_SPAN
         try:
             response = await handler(request)
             record.status = response.status
+            if not record.response_bytes and isinstance(response, web.Response):
+                record.response_bytes = len(response.body or b"")  # type: ignore[arg-type]
             return response
         except BaseException:
             record.status = record.status or 499
             raise
         finally:
+            record.seconds = time.perf_counter() - record.started
+            record.request_bytes = request.content.total_bytes
             _finish_span(span, record)
+            _count(components, record)
             if record.decision is not None or record.status == 401:
-                record.policy_revision = components.policy.revision
-                audit.write(record, components.project)
+                record.policy_revision = record.policy_revision or components.policy.revision
+                audit.write(record, components.project or components.telemetry.project)
+
+
+def _tracing(tracer: trace.Tracer) -> bool:
+    return type(tracer) is not trace.NoOpTracer
+
+
+def _server_span(
+    request: web.Request, components: Components, record: audit.AuditRecord
+) -> AbstractContextManager[trace.Span | None]:
+    tracer = components.telemetry.tracer
+    parent = extract(request.headers) if "traceparent" in request.headers else None
+    if not _tracing(tracer):
+        if parent is None:
+            return _NOTHING
+        # Nothing recorded, but the caller's trace still reaches the audit record and upstream.
+        return trace.use_span(trace.get_current_span(parent))
+    return tracer.start_as_current_span(
+        request.method,
+        context=parent,
+        kind=trace.SpanKind.SERVER,
+        attributes={
+            "http.request.method": _method(request.method),
+            "url.path": record.path,
+            "url.scheme": request.scheme,
+        },
+        record_exception=False,
+        set_status_on_exception=False,
+    )
+
+
+def _method(method: str) -> str:
+    return method if method in _KNOWN_METHODS else "_OTHER"
 
 
 def _finish_span(span: trace.Span, record: audit.AuditRecord) -> None:
@@ -50,28 +129,195 @@ def _finish_span(span: trace.Span, record: audit.AuditRecord) -> None:
         record.sampled = context.trace_flags.sampled
     if not span.is_recording():
         return
-    span.update_name(f"{record.method} {record.route}" if record.route else record.method)
+    route = http_route(record.route)
+    span.update_name(f"{_method(record.method)} {route}" if route else _method(record.method))
     attributes: dict[str, str | int] = {
-        "http.request.method": record.method,
-        "url.path": record.path,
         "http.response.status_code": record.status,
-        "authz.decision": record.decision or "deny",
-        "authz.policy_revision": record.policy_revision or "",
+        "http.request.body.size": record.request_bytes,
+        "http.response.body.size": record.response_bytes,
     }
     optional = {
-        "enduser.id": (record.identity or {}).get("email")
-        or (record.identity or {}).get("subject"),
-        "authz.verb": record.verb,
-        "authz.rule_id": record.rule_id,
+        "url.query": record.query,
+        "http.route": route,
         "user_agent.original": record.user_agent,
         "client.address": record.remote_ip,
+        "enduser.id": record.who,
         "gcs.operation": record.operation,
-        "http.route": record.route,
-        "gcs.bucket": record.bucket,
-        "gcs.object": record.object,
-        "gcs.prefix": record.prefix,
+        **_gcs_attributes(record),
+        **_authz_attributes(record),
     }
-    span.set_attributes(attributes)
-    span.set_attributes({k: v for k, v in optional.items() if v})
+    attributes.update({k: v for k, v in optional.items() if v})
+    span.set_attributes(attributes)  # one call: the SDK takes its lock once per call
     if record.status >= 500:
+        span.set_attribute("error.type", str(record.status))
         span.set_status(trace.StatusCode.ERROR)
+
+
+def _gcs_attributes(record: audit.AuditRecord) -> dict[str, str | None]:
+    return {"gcs.bucket": record.bucket, "gcs.object": record.object, "gcs.prefix": record.prefix}
+
+
+def _authz_attributes(record: audit.AuditRecord) -> dict[str, str | None]:
+    if record.decision is None:
+        return {}
+    return {
+        "authz.verb": record.verb,
+        "authz.resource": record.resource,
+        "authz.decision": record.decision,
+        "authz.enforced": "true" if record.enforced else "false",
+        "authz.rule_id": record.rule_id,
+        "authz.policy_revision": record.policy_revision,
+    }
+
+
+def _count(components: Components, record: audit.AuditRecord) -> None:
+    metrics = components.telemetry.metrics
+    if metrics is NULL_METRICS:
+        return
+    metrics.request(
+        RequestFacts(
+            method=_method(record.method),
+            route=http_route(record.route),
+            operation=record.operation,
+            status=record.status,
+            seconds=record.seconds or 0.0,
+            bytes_in=record.request_bytes,
+            bytes_out=record.response_bytes,
+            decision=record.decision,
+            verb=record.verb,
+            enforced=record.enforced,
+        )
+    )
+
+
+# -- the steps inside the SERVER span (used by proxy.app.handle) -----------------------
+
+
+@contextmanager
+def step(tracer: trace.Tracer, name: str) -> Iterator[trace.Span]:
+    """A child span; a refusal raised inside (401, 403) is an answer, not an error.
+
+    Never made current (nothing inside starts spans or sends requests): that saves a
+    context attach and detach per step on every request."""
+    span = tracer.start_span(name, record_exception=False, set_status_on_exception=False)
+    try:
+        yield span
+    finally:
+        span.end()
+
+
+def authenticating(tracer: trace.Tracer, record: audit.AuditRecord) -> AbstractContextManager[None]:
+    return _authenticating(tracer, record) if _tracing(tracer) else _NOTHING
+
+
+def authorizing(tracer: trace.Tracer, record: audit.AuditRecord) -> AbstractContextManager[None]:
+    return _authorizing(tracer, record) if _tracing(tracer) else _NOTHING
+
+
+def calling_upstream(
+    components: Components, operation: Operation, outcome: Outcome, record: audit.AuditRecord
+) -> AbstractContextManager[None]:
+    """The CLIENT span and metrics of one Cloud Storage call (HTTP client semantic conventions)."""
+    telemetry = components.telemetry
+    if _tracing(telemetry.tracer) or telemetry.metrics is not NULL_METRICS:
+        return _calling_upstream(components, operation, outcome, record)
+    return _KeepResponseBytes(outcome, record)
+
+
+class _KeepResponseBytes:
+    def __init__(self, outcome: Outcome, record: audit.AuditRecord) -> None:
+        self._outcome, self._record = outcome, record
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(
+        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self._record.response_bytes = self._outcome.response_bytes
+
+
+@contextmanager
+def _authenticating(tracer: trace.Tracer, record: audit.AuditRecord) -> Iterator[None]:
+    with step(tracer, "authenticate") as span:
+        try:
+            yield
+        except ProxyError as error:
+            if span.is_recording():
+                span.set_attribute("authn.result", f"rejected ({error.status})")
+            raise
+
+
+@contextmanager
+def _authorizing(tracer: trace.Tracer, record: audit.AuditRecord) -> Iterator[None]:
+    with step(tracer, "authorize") as span:
+        try:
+            yield
+        finally:
+            if span.is_recording():
+                attributes = {k: v for k, v in _authz_attributes(record).items() if v is not None}
+                if record.who:
+                    attributes["enduser.id"] = record.who
+                span.set_attributes(attributes)
+
+
+@lru_cache(maxsize=8)
+def _server(base_url: str) -> tuple[str, int]:
+    url = URL(base_url)
+    return url.host or "", url.port or 0
+
+
+@contextmanager
+def _calling_upstream(
+    components: Components, operation: Operation, outcome: Outcome, record: audit.AuditRecord
+) -> Iterator[None]:
+    server, _ = _server(components.forwarder.base_url)
+    started = time.perf_counter()
+    error: str | None = None
+    with components.telemetry.tracer.start_as_current_span(
+        "upstream",
+        kind=trace.SpanKind.CLIENT,
+        record_exception=False,
+        set_status_on_exception=False,
+    ) as span:
+        try:
+            yield
+        except (ProxyError, aiohttp.ClientError, TimeoutError) as exc:
+            error = type(exc).__name__
+            span.set_status(trace.StatusCode.ERROR, str(exc) if isinstance(exc, ProxyError) else "")
+            raise
+        finally:
+            record.response_bytes = outcome.response_bytes
+            if error is None and outcome.status >= 500:
+                error = str(outcome.status)
+                span.set_status(trace.StatusCode.ERROR)
+            if span.is_recording():
+                _client_attributes(span, components, operation, outcome, error)
+            metrics = components.telemetry.metrics
+            if metrics is not NULL_METRICS:
+                seconds = time.perf_counter() - started
+                metrics.upstream(operation.method, server, outcome.status, seconds, error)
+
+
+def _client_attributes(
+    span: trace.Span,
+    components: Components,
+    operation: Operation,
+    outcome: Outcome,
+    error: str | None,
+) -> None:
+    host, port = _server(components.forwarder.base_url)
+    target = upstream_target(operation).partition("?")[0]
+    attributes: dict[str, str | int] = {
+        "http.request.method": operation.method,
+        "server.address": host,
+        "server.port": port,
+        "url.full": components.forwarder.base_url + target,
+        "url.template": http_route(operation.route) or "",
+        "http.response.body.size": outcome.response_bytes,
+    }
+    if outcome.status:
+        attributes["http.response.status_code"] = outcome.status
+    if error:
+        attributes["error.type"] = error
+    span.set_attributes(attributes)

@@ -19,13 +19,16 @@ from proxy import audit
 from proxy.app import Components, admin_app, data_app, upstream_session
 from proxy.credentials import AdcTokenSource, TokenSource
 from proxy.forward import Forwarder
+from proxy.gcs.sessions import SESSION_KEY_ENV, encode_key, session_key
 from proxy.identity import JwtVerifier
+from proxy.limits import Limits, server_options
 from proxy.policy import Policy, compile_policy, load_policy
+from proxy.reload import PolicyReloader
+from proxy.retry import RetryPolicy
 from proxy.settings import Address, Settings
 from proxy.telemetry import Telemetry
 
 log = logging.getLogger(__name__)
-SHUTDOWN_GRACE = 8.0
 PolicyTransform = Callable[[Policy], Policy]
 
 
@@ -36,6 +39,7 @@ async def running(
     *,
     tokens: TokenSource | None = None,
     reuse_port: bool = False,
+    transform: PolicyTransform | None = None,
 ) -> AsyncIterator[Components]:
     """Both listeners up, background refreshers running; torn down gracefully on exit."""
     async with AsyncExitStack() as stack:
@@ -51,26 +55,58 @@ async def running(
             policy=compile_policy(policy),
             verifier=verifier,
             tokens=source,
-            forwarder=Forwarder(upstream, settings.upstream),
+            forwarder=Forwarder(
+                upstream,
+                settings.upstream,
+                RetryPolicy(settings.retry_attempts, settings.retry_backoff),
+                idle_timeout=settings.body_timeout,
+            ),
             telemetry=telemetry,
             project=os.environ.get("GOOGLE_CLOUD_PROJECT"),
-            ready_checks=[lambda: verifier.ready],
+            ready_checks=[lambda: verifier.ready, lambda: telemetry.started],
         )
         tasks = [asyncio.create_task(k.keep_fresh()) for k in verifier.keys.values()]
+        reloader = PolicyReloader(
+            settings.policy,
+            components,
+            keys_session,
+            interval=settings.reload_interval,
+            key_tasks=list(tasks),
+            transform=transform,
+        )
+        telemetry.watched.reloads = reloader.stats
+        tasks.append(reloader.start())
+        tasks.append(asyncio.create_task(telemetry.start()))
         if isinstance(source, AdcTokenSource):
+            telemetry.watched.tokens = source
             tasks.append(asyncio.create_task(source.keep_fresh()))
         stack.push_async_callback(_cancel, tasks)
-        for app, address in (
-            (data_app(components), settings.listen),
-            (admin_app(components), settings.admin_listen),
+        limits = _limits(settings)
+        for app, address, options in (
+            (data_app(components, limits), settings.listen, server_options(limits)),
+            (admin_app(components), settings.admin_listen, {}),
         ):
             runner = web.AppRunner(
-                app, shutdown_timeout=SHUTDOWN_GRACE, access_log=None, handle_signals=False
+                app,
+                shutdown_timeout=settings.shutdown_grace,
+                access_log=None,
+                handle_signals=False,
+                **options,
             )
             await runner.setup()
             stack.push_async_callback(runner.cleanup)
             await web.TCPSite(runner, address.host, address.port, reuse_port=reuse_port).start()
         yield components
+
+
+def _limits(settings: Settings) -> Limits:
+    return Limits(
+        max_concurrent=settings.max_concurrent,
+        max_header_bytes=settings.max_header_bytes,
+        max_metadata_bytes=settings.max_metadata_bytes,
+        header_timeout=settings.header_timeout,
+        body_timeout=settings.body_timeout,
+    )
 
 
 async def _cancel(tasks: list[asyncio.Task[None]]) -> None:
@@ -80,13 +116,17 @@ async def _cancel(tasks: list[asyncio.Task[None]]) -> None:
 
 
 async def serve_until_stopped(
-    settings: Settings, policy: Policy, *, reuse_port: bool = False
+    settings: Settings,
+    policy: Policy,
+    *,
+    reuse_port: bool = False,
+    transform: PolicyTransform | None = None,
 ) -> None:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    async with running(settings, policy, reuse_port=reuse_port):
+    async with running(settings, policy, reuse_port=reuse_port, transform=transform):
         log.info(
             "serving on %s (admin %s), upstream %s, policy %s revision %s",
             settings.listen,
@@ -96,18 +136,23 @@ async def serve_until_stopped(
             policy.revision,
         )
         await stop.wait()
-        log.info("shutting down: draining in-flight requests (up to %.0fs)", SHUTDOWN_GRACE)
+        log.info("shutting down: draining in-flight requests (up to %gs)", settings.shutdown_grace)
 
 
 def _use_uvloop() -> None:
     try:
-        import uvloop  # type: ignore[import-not-found]
+        import uvloop  # type: ignore[import-not-found,unused-ignore]
     except ImportError:
         return
     asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
 
 
 def serve(settings: Settings, transform: PolicyTransform | None = None) -> int:
+    try:
+        session_key()  # an unusable PROXY_SESSION_KEY is a usage error, not a crash later
+    except ValueError as exc:
+        print(f"gcs-iap-proxy: {exc}", file=sys.stderr)
+        return 2
     audit.configure_logging(settings.log_format)
     try:
         from proxy.policy import PolicyError
@@ -127,7 +172,11 @@ def serve(settings: Settings, transform: PolicyTransform | None = None) -> int:
         if settings.workers > 1 and os.environ.get("PROXY_WORKER") is None:
             return _supervise(settings)
         _use_uvloop()
-        asyncio.run(serve_until_stopped(settings, policy, reuse_port=settings.workers > 1))
+        asyncio.run(
+            serve_until_stopped(
+                settings, policy, reuse_port=settings.workers > 1, transform=transform
+            )
+        )
         return 0
     finally:
         audit.stop_logging()
@@ -139,6 +188,8 @@ def _supervise(settings: Settings) -> int:
         print("--workers > 1 needs SO_REUSEPORT", file=sys.stderr)
         return 2
     env = dict(os.environ, PROXY_WORKER="1")
+    # One upload-session key for the process tree: a handle minted by one worker opens in all.
+    env.setdefault(SESSION_KEY_ENV, encode_key(session_key()))
     command = [sys.executable, "-m", "proxy", "serve", *_flags(settings)]
     workers = [subprocess.Popen(command, env=env) for _ in range(settings.workers)]  # noqa: S603
 
@@ -148,6 +199,7 @@ def _supervise(settings: Settings) -> int:
 
     signal.signal(signal.SIGTERM, forward)
     signal.signal(signal.SIGINT, forward)
+    signal.signal(signal.SIGHUP, forward)  # each worker reloads its own policy
     codes = [worker.wait() for worker in workers]
     return max(codes, default=0)
 
@@ -173,4 +225,22 @@ def _flags(settings: Settings) -> Sequence[str]:
         str(settings.connect_timeout),
         "--read-timeout",
         str(settings.read_timeout),
+        "--reload-interval",
+        str(settings.reload_interval),
+        "--shutdown-grace",
+        str(settings.shutdown_grace),
+        "--max-concurrent",
+        str(settings.max_concurrent),
+        "--max-header-bytes",
+        str(settings.max_header_bytes),
+        "--max-metadata-bytes",
+        str(settings.max_metadata_bytes),
+        "--header-timeout",
+        str(settings.header_timeout),
+        "--body-timeout",
+        str(settings.body_timeout),
+        "--retry-attempts",
+        str(settings.retry_attempts),
+        "--retry-backoff",
+        str(settings.retry_backoff),
     ]

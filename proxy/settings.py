@@ -32,6 +32,15 @@ class Settings:
     log_format: str
     connect_timeout: float = 10.0
     read_timeout: float = 120.0
+    reload_interval: float = 1.0
+    shutdown_grace: float = 8.0
+    max_concurrent: int = 1000
+    max_header_bytes: int = 16384
+    max_metadata_bytes: int = 1 << 20
+    header_timeout: float = 30.0
+    body_timeout: float = 60.0
+    retry_attempts: int = 3
+    retry_backoff: float = 1.0
 
 
 # flag, env, default, help
@@ -49,6 +58,20 @@ OPTIONS: tuple[tuple[str, str, str, str], ...] = (
     ("--log-format", "PROXY_LOG_FORMAT", "json", "json (Cloud Logging) or text"),
     ("--connect-timeout", "PROXY_CONNECT_TIMEOUT", "10", "upstream connect timeout, seconds"),
     ("--read-timeout", "PROXY_READ_TIMEOUT", "120", "upstream idle-read timeout, seconds"),
+    (
+        "--reload-interval",
+        "PROXY_RELOAD_INTERVAL",
+        "1",
+        "seconds between policy file checks (0: reload on SIGHUP only)",
+    ),
+    ("--shutdown-grace", "PROXY_SHUTDOWN_GRACE", "8", "seconds to drain on SIGTERM"),
+    ("--max-concurrent", "PROXY_MAX_CONCURRENT", "1000", "in-flight requests per worker"),
+    ("--max-header-bytes", "PROXY_MAX_HEADER_BYTES", "16384", "longest request line or header"),
+    ("--max-metadata-bytes", "PROXY_MAX_METADATA_BYTES", "1048576", "JSON/metadata body limit"),
+    ("--header-timeout", "PROXY_HEADER_TIMEOUT", "30", "seconds to send request headers"),
+    ("--body-timeout", "PROXY_BODY_TIMEOUT", "60", "seconds a request/response body may idle"),
+    ("--retry-attempts", "PROXY_RETRY_ATTEMPTS", "3", "upstream attempts per request (1: none)"),
+    ("--retry-backoff", "PROXY_RETRY_BACKOFF", "1", "first retry wait, seconds; doubles"),
 )
 
 
@@ -75,6 +98,16 @@ def _positive(value: str, what: str, kind: type[int] | type[float]) -> float:
     return number
 
 
+def _non_negative(value: str, what: str) -> float:
+    try:
+        number = float(value)
+    except ValueError:
+        raise SettingsError(f"{what}: expected a number, got {value!r}") from None
+    if not number >= 0:  # also rejects NaN
+        raise SettingsError(f"{what}: must not be negative")
+    return number
+
+
 def resolve(args: argparse.Namespace, env: Mapping[str, str] = os.environ) -> Settings:
     values: dict[str, str] = {}
     for flag, name, default, _ in OPTIONS:
@@ -95,7 +128,23 @@ def resolve(args: argparse.Namespace, env: Mapping[str, str] = os.environ) -> Se
         log_format=values["log_format"],
         connect_timeout=_positive(values["connect_timeout"], "--connect-timeout", float),
         read_timeout=_positive(values["read_timeout"], "--read-timeout", float),
+        reload_interval=_non_negative(values["reload_interval"], "--reload-interval"),
+        shutdown_grace=_non_negative(values["shutdown_grace"], "--shutdown-grace"),
+        max_concurrent=int(_positive(values["max_concurrent"], "--max-concurrent", int)),
+        max_header_bytes=int(_positive(values["max_header_bytes"], "--max-header-bytes", int)),
+        max_metadata_bytes=_metadata_limit(values["max_metadata_bytes"]),
+        header_timeout=_positive(values["header_timeout"], "--header-timeout", float),
+        body_timeout=_positive(values["body_timeout"], "--body-timeout", float),
+        retry_attempts=int(_positive(values["retry_attempts"], "--retry-attempts", int)),
+        retry_backoff=_non_negative(values["retry_backoff"], "--retry-backoff"),
     )
+
+
+def _metadata_limit(value: str) -> int:
+    limit = int(_positive(value, "--max-metadata-bytes", int))
+    if limit > 1 << 20:
+        raise SettingsError("--max-metadata-bytes: at most 1048576 (the metadata parser's ceiling)")
+    return limit
 
 
 def settings_from(argv: Sequence[str], env: Mapping[str, str] = os.environ) -> Settings:

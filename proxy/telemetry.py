@@ -1,39 +1,63 @@
-"""OpenTelemetry set-up from the standard OTEL_* variables; no endpoint means a no-op tracer."""
+"""OpenTelemetry set-up from the standard OTEL_* variables; no endpoint means no SDK at all."""
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import os
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
+import aiohttp
 from opentelemetry import trace
 from opentelemetry.context import Context
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from proxy import __version__
+from proxy.metrics import NULL_METRICS, Metrics, Watched
 
+log = logging.getLogger(__name__)
 PROPAGATOR = TraceContextTextMapPropagator()
-_TRACES_ENDPOINTS = ("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "OTEL_EXPORTER_OTLP_ENDPOINT")
+SERVICE_NAME = "gcs-iap-proxy"
+METADATA_TIMEOUT = 2.0
+_METADATA_HEADERS = {"Metadata-Flavor": "Google"}
+
+
+def _signal_configured(env: Mapping[str, str], signal: str) -> bool:
+    if env.get("OTEL_SDK_DISABLED", "").strip().lower() == "true":
+        return False
+    if env.get(f"OTEL_{signal}_EXPORTER", "otlp").strip().lower() == "none":
+        return False
+    return bool(
+        env.get(f"OTEL_EXPORTER_OTLP_{signal}_ENDPOINT") or env.get("OTEL_EXPORTER_OTLP_ENDPOINT")
+    )
+
+
+def traces_configured(env: Mapping[str, str] = os.environ) -> bool:
+    return _signal_configured(env, "TRACES")
+
+
+def metrics_configured(env: Mapping[str, str] = os.environ) -> bool:
+    return _signal_configured(env, "METRICS")
 
 
 def exporter_configured(env: Mapping[str, str] = os.environ) -> bool:
-    return (
-        any(env.get(name) for name in _TRACES_ENDPOINTS)
-        and env.get("OTEL_SDK_DISABLED", "").lower() != "true"
-    )
+    return traces_configured(env) or metrics_configured(env)
 
 
-def _protocol(env: Mapping[str, str]) -> str:
+def protocol(env: Mapping[str, str], signal: str) -> str:
     return (
-        env.get("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL")
+        env.get(f"OTEL_EXPORTER_OTLP_{signal}_PROTOCOL")
         or env.get("OTEL_EXPORTER_OTLP_PROTOCOL")
         or "http/protobuf"
-    )
+    ).strip()
 
 
 def _span_exporter(env: Mapping[str, str]) -> Any:
     # Exporters are imported only when configured: grpc alone costs tens of MiB.
-    if _protocol(env) == "grpc":
+    # They read their endpoint, headers, timeout and compression from OTEL_* themselves.
+    if protocol(env, "TRACES") == "grpc":
         from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
     else:
         from opentelemetry.exporter.otlp.proto.http.trace_exporter import (  # type: ignore[assignment]
@@ -42,48 +66,163 @@ def _span_exporter(env: Mapping[str, str]) -> Any:
     return OTLPSpanExporter()
 
 
-def _resource(env: Mapping[str, str]) -> Any:
+def _metric_exporter(env: Mapping[str, str]) -> Any:
+    if protocol(env, "METRICS") == "grpc":
+        from opentelemetry.exporter.otlp.proto.grpc.metric_exporter import OTLPMetricExporter
+    else:
+        from opentelemetry.exporter.otlp.proto.http.metric_exporter import (  # type: ignore[assignment]
+            OTLPMetricExporter,
+        )
+    return OTLPMetricExporter()
+
+
+@dataclass(frozen=True)
+class Platform:
+    """Where the sidecar runs, as far as the environment and the metadata server tell."""
+
+    project: str | None = None
+    region: str | None = None
+    instance: str | None = None
+
+
+def metadata_base(env: Mapping[str, str]) -> str:
+    host = env.get("GCE_METADATA_HOST") or env.get("GCE_METADATA_IP") or "metadata.google.internal"
+    return f"http://{host}/computeMetadata/v1/"
+
+
+async def _metadata_value(session: aiohttp.ClientSession, url: str) -> str | None:
+    try:
+        async with session.get(url, headers=_METADATA_HEADERS, allow_redirects=False) as answer:
+            if answer.status != 200 or answer.headers.get("Metadata-Flavor") != "Google":
+                return None
+            return (await answer.text()).strip() or None
+    except (aiohttp.ClientError, OSError, UnicodeDecodeError):
+        return None
+
+
+async def detect_platform(env: Mapping[str, str], *, full: bool) -> Platform:
+    """Project (and with `full`, region and instance) from the metadata server, bounded in time.
+
+    Runs as a background task: the listeners are up before it finishes, and off Google
+    Cloud it gives up after METADATA_TIMEOUT without delaying anything but telemetry.
+    """
+    base = metadata_base(env)
+    paths = ["project/project-id"] + (["instance/region", "instance/id"] if full else [])
+    timeout = aiohttp.ClientTimeout(total=METADATA_TIMEOUT)
+    try:
+        async with aiohttp.ClientSession(timeout=timeout, trust_env=False) as session:
+            async with asyncio.timeout(METADATA_TIMEOUT):
+                values = await asyncio.gather(*(_metadata_value(session, base + p) for p in paths))
+    except TimeoutError:
+        return Platform()
+    values += [None] * (3 - len(values))
+    region = values[1].rpartition("/")[2] if values[1] else None
+    return Platform(project=values[0], region=region, instance=values[2])
+
+
+def resource_attributes(env: Mapping[str, str], platform: Platform) -> dict[str, str]:
+    """OpenTelemetry resource attributes for Cloud Run (semantic conventions for GCP and FaaS)."""
+    attributes = {"service.version": __version__}
+    if env.get("K_SERVICE"):
+        attributes.update({"cloud.provider": "gcp", "cloud.platform": "gcp_cloud_run"})
+    optional = {
+        "faas.name": env.get("K_SERVICE"),
+        "faas.version": env.get("K_REVISION"),
+        "gcp.cloud_run.configuration": env.get("K_CONFIGURATION"),
+        "cloud.account.id": platform.project or env.get("GOOGLE_CLOUD_PROJECT"),
+        "cloud.region": platform.region,
+        "faas.instance": platform.instance,
+    }
+    attributes.update({key: value for key, value in optional.items() if value})
+    if "cloud.account.id" in attributes:
+        attributes.setdefault("cloud.provider", "gcp")
+    return attributes
+
+
+def _resource(env: Mapping[str, str], platform: Platform) -> Any:
+    from opentelemetry.sdk.resources import SERVICE_NAME as SERVICE_NAME_KEY
     from opentelemetry.sdk.resources import Resource
 
-    attributes: dict[str, str] = {"service.version": __version__}
-    cloud_run = {
-        "K_SERVICE": "faas.name",
-        "K_REVISION": "faas.version",
-        "K_CONFIGURATION": "gcp.cloud_run.configuration",
-    }
-    for var, key in cloud_run.items():
-        if env.get(var):
-            attributes[key] = env[var]
-    if env.get("K_SERVICE"):
-        attributes["cloud.provider"] = "gcp"
-        attributes["cloud.platform"] = "gcp_cloud_run"
-    if "OTEL_SERVICE_NAME" not in env:
-        attributes["service.name"] = "gcs-iap-proxy"
-    return Resource.create(attributes)
+    # OTEL_SERVICE_NAME and OTEL_RESOURCE_ATTRIBUTES win over what we detect.
+    configured = Resource.create({})
+    detected = Resource(resource_attributes(env, platform))
+    resource = detected.merge(configured)
+    if str(resource.attributes.get(SERVICE_NAME_KEY, "")).startswith("unknown_service"):
+        resource = resource.merge(Resource({SERVICE_NAME_KEY: SERVICE_NAME}))
+    return resource
 
 
 class Telemetry:
-    """The tracer the request pipeline uses, and the provider to flush at shutdown."""
+    """The tracer and metrics the request pipeline uses, and the providers to flush at shutdown.
+
+    Until `start()` has learned the platform (before /readyz turns 200), and always when
+    no OTLP endpoint is configured, the tracer is the API's no-op tracer and the metrics
+    are no-ops: no SDK is imported and nothing is exported.
+    """
 
     def __init__(self, env: Mapping[str, str] = os.environ) -> None:
-        self._provider: Any = None
-        if exporter_configured(env):
-            from opentelemetry.sdk.trace import TracerProvider
-            from opentelemetry.sdk.trace.export import BatchSpanProcessor
-
-            self._provider = TracerProvider(resource=_resource(env))
-            self._provider.add_span_processor(BatchSpanProcessor(_span_exporter(env)))
-            self.tracer: trace.Tracer = self._provider.get_tracer("gcs-iap-proxy", __version__)
-        else:
-            self.tracer = trace.NoOpTracer()
+        self._env = dict(env)
+        self.tracer: trace.Tracer = trace.NoOpTracer()
+        self.metrics: Metrics = NULL_METRICS
+        self.watched = Watched()
+        self.project: str | None = env.get("GOOGLE_CLOUD_PROJECT") or None
+        self.started = False
+        self._tracer_provider: Any = None
+        self._meter_provider: Any = None
 
     @property
     def enabled(self) -> bool:
-        return self._provider is not None
+        return self._tracer_provider is not None
+
+    async def start(self) -> None:
+        """Learn the platform from the metadata server (if needed), then start the providers."""
+        try:
+            full = exporter_configured(self._env)
+            platform = Platform()
+            if full or self.project is None:
+                platform = await detect_platform(self._env, full=full)
+            self.project = self.project or platform.project
+            self._start_providers(platform)
+        finally:
+            self.started = True
+
+    def _start_providers(self, platform: Platform) -> None:
+        if not exporter_configured(self._env):
+            return
+        resource = _resource(self._env, platform)
+        if traces_configured(self._env):
+            from opentelemetry.sdk.trace import TracerProvider
+            from opentelemetry.sdk.trace.export import BatchSpanProcessor
+
+            # No sampler argument: the SDK reads OTEL_TRACES_SAMPLER(_ARG) itself.
+            provider = TracerProvider(resource=resource, shutdown_on_exit=False)
+            provider.add_span_processor(BatchSpanProcessor(_span_exporter(self._env)))
+            self._tracer_provider = provider
+            self.tracer = provider.get_tracer(SERVICE_NAME, __version__)
+        if metrics_configured(self._env):
+            from opentelemetry.sdk.metrics import MeterProvider
+            from opentelemetry.sdk.metrics.export import PeriodicExportingMetricReader
+
+            from proxy.metrics import OtlpMetrics
+
+            reader = PeriodicExportingMetricReader(_metric_exporter(self._env))
+            meters = MeterProvider([reader], resource=resource, shutdown_on_exit=False)
+            self._meter_provider = meters
+            self.metrics = OtlpMetrics(meters.get_meter(SERVICE_NAME, __version__), self.watched)
+        log.info(
+            "telemetry: traces %s, metrics %s",
+            protocol(self._env, "TRACES") if self._tracer_provider else "off",
+            protocol(self._env, "METRICS") if self._meter_provider else "off",
+        )
 
     def shutdown(self) -> None:
-        if self._provider is not None:
-            self._provider.shutdown()
+        """Flush what is batched; called once the listeners have drained."""
+        self.tracer = trace.NoOpTracer()
+        self.metrics = NULL_METRICS
+        for provider in (self._tracer_provider, self._meter_provider):
+            if provider is not None:
+                provider.shutdown()
+        self._tracer_provider = self._meter_provider = None
 
 
 def extract(headers: Mapping[str, str]) -> Context:

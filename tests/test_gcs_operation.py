@@ -6,7 +6,8 @@ import pytest
 
 from proxy.errors import BadRequest, Forbidden, MethodNotAllowed, ProxyError
 from proxy.gcs.build import upstream_headers, upstream_target
-from proxy.gcs.operation import Kind, parse_request
+from proxy.gcs.operation import Kind
+from proxy.gcs.parse import parse_request
 from proxy.policy import Access, Verb
 
 
@@ -53,6 +54,77 @@ def test_routes(method, target, kind, access):
     assert operation.accesses == (Access(access[0], "bkt", access[1]),)
 
 
+W, R, D, M, A = Verb.WRITE, Verb.READ, Verb.DELETE, Verb.METADATA, Verb.ADMIN
+
+
+@pytest.mark.parametrize(
+    ("method", "target", "kind", "accesses"),
+    [
+        (
+            "POST",
+            "/storage/v1/b/src/o/a%2Fb/copyTo/b/dst/o/c",
+            Kind.COPY,
+            [(R, "src", "a/b"), (W, "dst", "c")],
+        ),
+        (
+            "POST",
+            "/storage/v1/b/src/o/a/rewriteTo/b/dst/o/c?rewriteToken=t",
+            Kind.REWRITE,
+            [(R, "src", "a"), (W, "dst", "c")],
+        ),
+        (
+            "POST",
+            "/storage/v1/b/bkt/o/a/moveTo/o/b",
+            Kind.MOVE,
+            [(R, "bkt", "a"), (W, "bkt", "b"), (D, "bkt", "a")],
+        ),
+        (
+            "POST",
+            "/storage/v1/b/bkt/o/a/restore?generation=7",
+            Kind.RESTORE,
+            [(R, "bkt", "a"), (W, "bkt", "a")],
+        ),
+        ("POST", "/storage/v1/b/bkt/o/a/compose", Kind.COMPOSE, [(W, "bkt", "a")]),
+        ("GET", "/storage/v1/b/bkt/o/a/acl", Kind.ACL, [(A, "bkt", "a")]),
+        ("DELETE", "/storage/v1/b/bkt/o/a/acl/allUsers", Kind.ACL, [(A, "bkt", "a")]),
+        (
+            "PATCH",
+            "/storage/v1/b/bkt/o/x?predefinedAcl=publicRead",
+            Kind.PATCH,
+            [(M, "bkt", "x"), (A, "bkt", "x")],
+        ),
+        (
+            "POST",
+            "/upload/storage/v1/b/bkt/o?uploadType=media&name=x&kmsKeyName=k",
+            Kind.INSERT_MEDIA,
+            [(W, "bkt", "x"), (A, "bkt", "x")],
+        ),
+        ("GET", "/bkt/dir/a%20b.txt", Kind.XML_GET, [(R, "bkt", "dir/a b.txt")]),
+        ("HEAD", "/bkt/dir%2Fa", Kind.XML_GET, [(R, "bkt", "dir/a")]),
+        ("GET", "/bkt/a/../b", Kind.XML_GET, [(R, "bkt", "a/../b")]),
+    ],
+)
+def test_compound_routes(method, target, kind, accesses):
+    operation = parse(method, target)
+    assert operation.kind is kind
+    assert operation.accesses == tuple(Access(v, b, p) for v, b, p in accesses)
+
+
+def test_resumable_routes():
+    start = parse("POST", "/upload/storage/v1/b/bkt/o?uploadType=resumable&name=big")
+    assert (start.kind, start.object, start.accesses) == (Kind.RESUMABLE_START, "big", ())
+    chunk = parse("PUT", "/upload/storage/v1/b/bkt/o?uploadType=resumable&upload_id=HANDLE")
+    assert (chunk.kind, chunk.upload_handle, chunk.object) == (Kind.RESUMABLE_CHUNK, "HANDLE", None)
+    cancel = parse("DELETE", "/upload/storage/v1/b/bkt/o?uploadType=resumable&upload_id=HANDLE")
+    assert cancel.kind is Kind.RESUMABLE_CANCEL
+    with pytest.raises(BadRequest):
+        parse(
+            "POST",
+            "/upload/storage/v1/b/bkt/o?uploadType=resumable",
+            {"x-goog-upload-protocol": "resumable"},
+        )
+
+
 def test_multipart_name_may_come_later():
     operation = parse("POST", "/upload/storage/v1/b/bkt/o?uploadType=multipart")
     assert operation.kind is Kind.INSERT_MULTIPART
@@ -88,6 +160,8 @@ def test_multipart_name_may_come_later():
         "/storage/v1/b/bkt/o/" + "a" * 1025,
         "storage/v1/b/bkt/o/x",
         "/upload/storage/v1/b/bkt/o?uploadType=media",
+        "/upload/storage/v1/b/bkt/o?uploadType=weird&name=x",
+        "/upload/storage/v1/b/bkt/o?uploadType=media&upload_id=abc",
     ],
 )
 def test_bad_targets_are_400(target):
@@ -103,14 +177,21 @@ def test_bad_targets_are_400(target):
         ("GET", "/storage/v1/b/bkt", Forbidden),
         ("DELETE", "/storage/v1/b/bkt", Forbidden),
         ("GET", "/storage/v1/b/bkt/iam", Forbidden),
-        ("GET", "/storage/v1/b/bkt/o/x/acl", Forbidden),
-        ("POST", "/storage/v1/b/bkt/o/x/copyTo/b/other/o/y", Forbidden),
+        ("GET", "/storage/v1/b/bkt/iam/testPermissions", Forbidden),
+        ("POST", "/storage/v1/b/bkt/o/watch", MethodNotAllowed),
+        ("GET", "/storage/v1/b/bkt/o/x/unknownThing", Forbidden),
         ("POST", "/batch/storage/v1", Forbidden),
+        ("POST", "/batch", Forbidden),
         ("GET", "/storage/v1/projects/p/hmacKeys", Forbidden),
-        ("POST", "/upload/storage/v1/b/bkt/o?uploadType=resumable&name=x", Forbidden),
+        ("GET", "/storage/v1/projects/p/serviceAccount", Forbidden),
+        ("GET", "/storage/v1/b/bkt/notificationConfigs", Forbidden),
+        ("POST", "/storage/v1/channels/stop", Forbidden),
         ("POST", "/storage/v1/b/bkt/o/x", MethodNotAllowed),
-        ("PATCH", "/storage/v1/b/bkt/o/x?predefinedAcl=publicRead", Forbidden),
-        ("POST", "/upload/storage/v1/b/bkt/o?uploadType=media&name=x&kmsKeyName=k", Forbidden),
+        ("GET", "/storage/v1/b/bkt/o/x/copyTo/b/other/o/y", MethodNotAllowed),
+        ("PUT", "/bkt/object", Forbidden),
+        ("DELETE", "/bkt/object", Forbidden),
+        ("GET", "/bkt", Forbidden),
+        ("PUT", "/upload/storage/v1/b/bkt/o?uploadType=media&name=x", MethodNotAllowed),
     ],
 )
 def test_refused_surface(method, target, error):
@@ -133,6 +214,28 @@ def test_user_project_header_and_query_must_agree():
 @pytest.mark.parametrize(
     ("method", "target", "upstream"),
     [
+        ("POST", "/storage/v1/b/src/o/a%2Fb/copyTo/b/dst/o/..", None),
+        (
+            "POST",
+            "/storage/v1/b/src/o/a%2Fb/copyTo/b/dst/o/c%3Fd",
+            "/storage/v1/b/src/o/a%2Fb/copyTo/b/dst/o/c%3Fd?projection=noAcl",
+        ),
+        (
+            "POST",
+            "/storage/v1/b/src/o/a/moveTo/o/b%23c",
+            "/storage/v1/b/src/o/a/moveTo/o/b%23c?projection=noAcl",
+        ),
+        ("GET", "/src/a/b%3Bc", "/src/a%2Fb%3Bc"),
+        (
+            "DELETE",
+            "/storage/v1/b/src/o/a/acl/user-x%40example.com",
+            "/storage/v1/b/src/o/a/acl/user-x%40example.com",
+        ),
+        (
+            "GET",
+            "/storage/v1/b/bkt/o?prefix=c%2F;prefix=a%2F",
+            "/storage/v1/b/bkt/o?prefix=c%2F%3Bprefix%3Da%2F&projection=noAcl",
+        ),
         ("GET", "/storage/v1/b/bkt/o/a%2Fb%20c", "/storage/v1/b/bkt/o/a%2Fb%20c?projection=noAcl"),
         (
             "GET",
@@ -159,6 +262,10 @@ def test_user_project_header_and_query_must_agree():
     ],
 )
 def test_upstream_target_is_rebuilt(method, target, upstream):
+    if upstream is None:
+        with pytest.raises(BadRequest):
+            parse(method, target)
+        return
     assert upstream_target(parse(method, target)) == upstream
 
 

@@ -4,8 +4,12 @@ fake-gcs-server shows exactly what reached "Cloud Storage"."""
 
 from __future__ import annotations
 
+import hashlib
+import io
 import json
+import os
 import textwrap
+import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -171,6 +175,15 @@ def test_deny_rule_beats_allow(alice, fake_gcs: FakeGcs):
     # Listing the parent is allowed, but the carve-out is filtered from the answer.
     names = [b.name for b in alice.client.list_blobs(BUCKET, prefix="alice/")]
     assert "alice/private/diary.txt" not in names
+    fake_gcs.put_object(BUCKET, "alice/public/note.txt", b"ok")
+    listing = alice.client.list_blobs(BUCKET, prefix="alice/", delimiter="/")
+    list(listing)
+    assert "alice/public/" in listing.prefixes
+    assert "alice/private/" not in listing.prefixes
+    ranged = alice.client.list_blobs(
+        BUCKET, prefix="alice/", start_offset="alice/p", end_offset="alice/q", match_glob="alice/**"
+    )
+    assert all("alice/p" <= b.name < "alice/q" for b in ranged)
 
 
 def test_list_outside_granted_prefix_is_refused(alice):
@@ -221,15 +234,10 @@ def test_health_and_readiness(proxy):
 def test_audit_records_are_structured_and_never_hold_tokens(alice, proxy):
     alice.blob("alice/audited.txt").upload_from_string(b"x")
     token = alice.client._credentials.token
+    writes = proxy.audit_records(f"gs://{BUCKET}/alice/audited.txt")
     output = proxy.output()
     assert token not in output
     assert token.split(".")[2] not in output
-    records = [
-        json.loads(line)
-        for line in output.splitlines()
-        if line.startswith('{"severity"') and '"audit"' in line
-    ]
-    writes = [r for r in records if r["audit"]["resource"] == f"gs://{BUCKET}/alice/audited.txt"]
     assert writes, output[-2000:]
     record = writes[-1]
     assert record["audit"]["decision"] == "allow"
@@ -249,3 +257,100 @@ def test_broken_policy_at_start_exits_non_zero(tmp_path: Path, relay):
     assert code == 1
     assert f"{policy}:4: unknown verb 'fly'" in output
     assert f"{policy}:3: rule: missing required key 'bucket'" in output
+
+
+def test_resumable_upload_in_chunks(alice, fake_gcs: FakeGcs, relay: RecordingRelay, proxy):
+    data = os.urandom(20 * 1024 * 1024 + 12345)
+    blob = alice.blob("alice/big.bin", chunk_size=4 * 1024 * 1024)
+    relay.clear()
+    blob.upload_from_file(io.BytesIO(data), content_type="application/octet-stream")
+    stored = fake_gcs.get_object(BUCKET, "alice/big.bin")
+    assert stored is not None and hashlib.sha256(stored).digest() == hashlib.sha256(data).digest()
+    chunks = [s for s in relay.seen if s.method == "PUT" and "upload_id=" in s.query]
+    assert len(chunks) == 6
+    assert alice.blob("alice/big.bin").download_as_bytes(start=5, end=9) == data[5:10]
+
+
+def test_resumable_location_hides_the_upload_id(proxy, dev_issuer, relay: RecordingRelay):
+    token = dev_issuer.mint(audience=AUD, subject="alice", email=ALICE)
+    response = _request(
+        proxy.url
+        + f"/upload/storage/v1/b/{BUCKET}/o?uploadType=resumable&name=alice%2Fsession.bin",
+        token,
+        "POST",
+        b"{}",
+        {"Content-Type": "application/json"},
+    )
+    location = response.headers["Location"]
+    response.close()
+    assert location.startswith(
+        proxy.url + f"/upload/storage/v1/b/{BUCKET}/o?uploadType=resumable&upload_id="
+    )
+    real = [s for s in relay.seen if s.method == "POST" and "uploadType=resumable" in s.query][-1]
+    assert real is not None
+    upstream_ids = {
+        part.split("=", 1)[1]
+        for s in relay.seen
+        for part in s.query.split("&")
+        if part.startswith("upload_id=")
+    }
+    assert not any(uid and uid in location for uid in upstream_ids)
+
+
+def _request(
+    url: str,
+    token: str,
+    method: str = "GET",
+    body: bytes | None = None,
+    headers: dict[str, str] | None = None,
+):
+    request = urllib.request.Request(
+        url,
+        data=body,
+        method=method,
+        headers={"Authorization": f"Bearer {token}", **(headers or {})},
+    )
+    return urllib.request.urlopen(request)
+
+
+def test_copy_compose_rewrite(alice, fake_gcs: FakeGcs):
+    alice.blob("alice/part-1").upload_from_string(b"hello ")
+    alice.blob("alice/part-2").upload_from_string(b"world")
+    copied = alice.copy_blob(alice.blob("alice/part-1"), alice, "alice/copy-1")
+    assert copied.name == "alice/copy-1"
+    assert fake_gcs.get_object(BUCKET, "alice/copy-1") == b"hello "
+    composed = alice.blob("alice/joined")
+    composed.compose([alice.blob("alice/part-1"), alice.blob("alice/part-2")])
+    assert fake_gcs.get_object(BUCKET, "alice/joined") == b"hello world"
+    rewritten = alice.blob("alice/rewritten")
+    rewritten.rewrite(alice.blob("alice/joined"))
+    assert fake_gcs.get_object(BUCKET, "alice/rewritten") == b"hello world"
+
+
+def test_copy_from_ungranted_source_is_refused(alice, fake_gcs: FakeGcs, relay: RecordingRelay):
+    fake_gcs.put_object(BUCKET, "drop/theirs.csv", b"not alice's")
+    relay.clear()
+    with pytest.raises(exceptions.Forbidden):
+        alice.copy_blob(alice.blob("drop/theirs.csv"), alice, "alice/stolen.csv")
+    with pytest.raises(exceptions.Forbidden):
+        alice.blob("alice/stolen2.csv").compose(
+            [alice.blob("alice/part-1"), alice.blob("drop/theirs.csv")]
+        )
+    assert relay.seen == []
+    assert fake_gcs.get_object(BUCKET, "alice/stolen.csv") is None
+
+
+def test_xml_api_get_and_head(alice, proxy, dev_issuer):
+    alice.blob("alice/xml one.txt").upload_from_string(b"xml api data")
+    token = dev_issuer.mint(audience=AUD, subject="alice", email=ALICE)
+    with _request(proxy.url + f"/{BUCKET}/alice/xml%20one.txt", token) as response:
+        assert response.read() == b"xml api data"
+    with _request(
+        proxy.url + f"/{BUCKET}/alice/xml%20one.txt", token, headers={"Range": "bytes=0-2"}
+    ) as response:
+        assert response.status == 206 and response.read() == b"xml"
+    mallory_token = dev_issuer.mint(audience=AUD, subject="mallory", email=MALLORY)
+    with pytest.raises(urllib.error.HTTPError) as caught:
+        _request(proxy.url + f"/{BUCKET}/alice/xml%20one.txt", mallory_token)
+    assert caught.value.code == 403
+    caught.value.close()

@@ -26,9 +26,13 @@ FORWARDED_REQUEST_HEADERS = frozenset(
         "x-goog-encryption-algorithm",
         "x-goog-encryption-key",
         "x-goog-encryption-key-sha256",
+        "x-goog-copy-source-encryption-algorithm",
+        "x-goog-copy-source-encryption-key",
+        "x-goog-copy-source-encryption-key-sha256",
         "x-goog-hash",
         "x-upload-content-type",
         "x-upload-content-length",
+        "x-guploader-no-308",  # Go clients ask for 200 + X-Http-Status-Code-Override instead of 308
     }
 )
 # Response headers never sent back to the caller.
@@ -50,32 +54,72 @@ DROPPED_RESPONSE_HEADERS = frozenset(
         "location",
         "x-goog-upload-url",
         "x-goog-upload-control-url",
+        "x-goog-upload-status",
     }
 )
-
-_API_PATHS: dict[Kind, Api] = {
-    Kind.INSERT_MEDIA: Api.UPLOAD,
-    Kind.INSERT_MULTIPART: Api.UPLOAD,
+_FIXED_PARAMS: dict[Kind, tuple[tuple[str, str], ...]] = {
+    Kind.MEDIA: (("alt", "media"),),
+    Kind.RESUMABLE_CHUNK: (("uploadType", "resumable"),),
+    Kind.RESUMABLE_CANCEL: (("uploadType", "resumable"),),
+}
+# Parameters the proxy sets itself (from the parsed operation) for these kinds.
+_REPLACED_PARAMS: dict[Kind, frozenset[str]] = {
+    Kind.MEDIA: frozenset({"alt"}),
+    Kind.LIST: frozenset({"fields"}),  # items must keep their names so the list can be filtered
+    Kind.INSERT_MULTIPART: frozenset({"name"}),
+    Kind.RESUMABLE_START: frozenset({"name"}),
+    Kind.RESUMABLE_CHUNK: frozenset({"uploadType", "upload_id", "name"}),
+    Kind.RESUMABLE_CANCEL: frozenset({"uploadType", "upload_id", "name"}),
 }
 
 
-def upstream_target(operation: Operation) -> str:
+def _object_path(bucket: str, name: str) -> str:
+    return f"/b/{encode_segment(bucket)}/o/{encode_segment(name)}"
+
+
+def upstream_path(operation: Operation) -> str:
+    bucket, name = operation.bucket, operation.object or ""
+    kind = operation.kind
+    if kind in {
+        Kind.INSERT_MEDIA,
+        Kind.INSERT_MULTIPART,
+        Kind.RESUMABLE_START,
+        Kind.RESUMABLE_CHUNK,
+        Kind.RESUMABLE_CANCEL,
+    }:
+        return f"{Api.UPLOAD.value}/b/{encode_segment(bucket)}/o"
+    if kind is Kind.XML_GET:
+        return f"/{encode_segment(bucket)}/{encode_segment(name)}"
+    if kind is Kind.LIST:
+        return f"{Api.JSON.value}/b/{encode_segment(bucket)}/o"
+    if kind in {Kind.COPY, Kind.REWRITE}:
+        source = operation.sources[0]
+        verb = "copyTo" if kind is Kind.COPY else "rewriteTo"
+        return f"{Api.JSON.value}{_object_path(source.bucket, source.object)}/{verb}{_object_path(bucket, name)}"
+    if kind is Kind.MOVE:
+        source = operation.sources[0]
+        return (
+            f"{Api.JSON.value}{_object_path(bucket, source.object)}/moveTo/o/{encode_segment(name)}"
+        )
+    suffix = {Kind.COMPOSE: "/compose", Kind.RESTORE: "/restore", Kind.ACL: "/acl"}.get(kind, "")
+    if kind is Kind.ACL and operation.acl_entity is not None:
+        suffix += "/" + encode_segment(operation.acl_entity)
+    return f"{Api.JSON.value}{_object_path(bucket, name)}{suffix}"
+
+
+def upstream_target(operation: Operation, upload_id: str | None = None) -> str:
     """Encoded path and query for the upstream request."""
-    api = _API_PATHS.get(operation.kind, Api.JSON)
-    path = f"{api.value}/b/{encode_segment(operation.bucket)}/o"
-    if operation.object is not None and api is Api.JSON:
-        path += "/" + encode_segment(operation.object)
-    params = operation.params
-    if operation.kind is Kind.MEDIA:
-        params = tuple((k, v) for k, v in params if k != "alt") + (("alt", "media"),)
-    if operation.kind is Kind.LIST:
-        # Items must keep their names so the response can be filtered.
-        params = tuple((k, v) for k, v in params if k != "fields")
-    if operation.kind is Kind.INSERT_MULTIPART:
-        params = tuple((k, v) for k, v in params if k != "name")
+    replaced = _REPLACED_PARAMS.get(operation.kind, frozenset())
+    params = tuple((k, v) for k, v in operation.params if k not in replaced)
+    params += _FIXED_PARAMS.get(operation.kind, ())
+    if operation.kind in {Kind.RESUMABLE_START, Kind.RESUMABLE_CHUNK, Kind.RESUMABLE_CANCEL}:
+        params += (("name", operation.object or ""),)
+    if upload_id is not None:
+        params += (("upload_id", upload_id),)
     if operation.user_project is not None:
         params += (("userProject", operation.user_project),)
     query = encode_query(params)
+    path = upstream_path(operation)
     return f"{path}?{query}" if query else path
 
 

@@ -1,80 +1,166 @@
-"""Multipart uploads: read the metadata part, then stream the media part into a rebuilt body."""
+"""Multipart uploads: the metadata part read and checked, the media part streamed on untouched.
+
+Only the head of the body is parsed: the opening delimiter, the metadata part and the media
+part's headers. The upstream body is our own head (the checked metadata, re-serialised, and
+the media Content-Type) followed by the caller's remaining bytes exactly as sent, so the
+media is never buffered and the upstream Content-Length is known whenever the caller's is.
+Both CRLF and bare-LF line endings are accepted, as Cloud Storage accepts them; the head we
+write uses the caller's, because a multipart reader takes its line ending from the first
+delimiter and must find the same one before the caller's closing delimiter.
+"""
 
 from __future__ import annotations
 
 import json
-import secrets
+import re
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-import aiohttp
-from aiohttp import BodyPartReader, MultipartReader, StreamReader
+from aiohttp import StreamReader
 
 from proxy.errors import BadRequest
 from proxy.gcs.metadata import MAX_METADATA_BYTES, parse_metadata
 
-_CHUNK = 256 * 1024
+_CHUNK = 1 << 20
+_MAX_HEAD = MAX_METADATA_BYTES + 16 * 1024
+_BOUNDARY = re.compile(r'boundary=(?:"([^"]{1,200})"|([^\s;"]{1,200}))', re.IGNORECASE)
+_TOKEN_SAFE = re.compile(r"^[\x20-\x7e]+$")
+_MEDIA_HEADERS = ("content-type", "content-transfer-encoding")
 
 
 @dataclass
 class MultipartUpload:
-    """An upload whose metadata has been read and whose media part is still streaming."""
+    """An upload whose metadata has been read; `rest` is the caller's body from the media data on."""
 
     metadata: dict[str, Any]
-    media_type: str
-    media: BodyPartReader
-    reader: MultipartReader
+    media_headers: dict[str, str]
+    boundary: str
+    consumed: int
+    leftover: bytes
+    content: StreamReader
+    newline: str = "\r\n"  # the caller's: the closing delimiter in its bytes uses the same
+
+    @property
+    def media_type(self) -> str:
+        return self.media_headers.get("content-type", "application/octet-stream")
+
+    def head(self, metadata: Mapping[str, Any]) -> bytes:
+        lines = [
+            f"--{self.boundary}",
+            "Content-Type: application/json; charset=UTF-8",
+            "",
+            json.dumps(metadata),
+        ]
+        lines += [
+            f"--{self.boundary}",
+            *(f"{k.title()}: {v}" for k, v in self.media_headers.items()),
+            "",
+            "",
+        ]
+        return self.newline.join(lines).encode()
+
+    def upstream_length(self, metadata: Mapping[str, Any], caller_length: int | None) -> int | None:
+        return (
+            None
+            if caller_length is None
+            else len(self.head(metadata)) + caller_length - self.consumed
+        )
 
     def rebuilt(self, metadata: Mapping[str, Any]) -> tuple[str, AsyncIterator[bytes]]:
-        """The upstream Content-Type and body: our boundary, our metadata, the caller's bytes."""
-        boundary = "gcs-iap-proxy-" + secrets.token_hex(16)
-        head = (
-            f"--{boundary}\r\nContent-Type: application/json; charset=UTF-8\r\n\r\n"
-            f"{json.dumps(metadata)}\r\n"
-            f"--{boundary}\r\nContent-Type: {self.media_type}\r\n\r\n"
-        ).encode()
-        tail = f"\r\n--{boundary}--\r\n".encode()
-        return f"multipart/related; boundary={boundary}", self._body(head, tail)
+        """The upstream Content-Type and body."""
+        return f'multipart/related; boundary="{self.boundary}"', self._body(self.head(metadata))
 
-    async def _body(self, head: bytes, tail: bytes) -> AsyncIterator[bytes]:
-        yield head
-        while chunk := await self.media.read_chunk(_CHUNK):
+    async def _body(self, head: bytes) -> AsyncIterator[bytes]:
+        yield head + self.leftover
+        async for chunk in self.content.iter_chunked(_CHUNK):
             yield chunk
-        if await _next_part(self.reader) is not None:
-            # Raising mid-body aborts the upstream request, so no object is created.
-            raise BadRequest("a multipart upload carries exactly two parts")
-        yield tail
 
 
-async def _next_part(reader: MultipartReader) -> BodyPartReader | None:
-    try:
-        part = await reader.next()
-    except (ValueError, AssertionError, aiohttp.ClientPayloadError) as exc:
-        raise BadRequest("malformed multipart body") from exc
-    if part is not None and not isinstance(part, BodyPartReader):
-        raise BadRequest("nested multipart bodies are not supported")
-    return part
+def boundary_of(content_type: str) -> str:
+    if not content_type.lower().startswith("multipart/related"):
+        raise BadRequest("uploadType=multipart needs a multipart/related body")
+    match = _BOUNDARY.search(content_type)
+    boundary = (match.group(1) or match.group(2)) if match else None
+    if not boundary or not _TOKEN_SAFE.match(boundary):
+        raise BadRequest("the multipart/related Content-Type needs a valid boundary")
+    return boundary
+
+
+class _Head:
+    """A cursor over the buffered head of the body."""
+
+    def __init__(self, data: bytes, delimiter: bytes) -> None:
+        self.data, self.delimiter, self.pos = data, delimiter, 0
+
+    def line(self) -> bytes | None:
+        end = self.data.find(b"\n", self.pos)
+        if end < 0:
+            return None
+        line, self.pos = self.data[self.pos : end], end + 1
+        return line.removesuffix(b"\r")
+
+    def headers(self) -> dict[str, str] | None:
+        found: dict[str, str] = {}
+        while (line := self.line()) is not None:
+            if not line:
+                return found
+            name, sep, value = line.decode("latin-1").partition(":")
+            if not sep or not name.strip() or any(c in name for c in " \t"):
+                raise BadRequest("malformed multipart part header")
+            if name.strip().lower() in found:
+                raise BadRequest("repeated multipart part header")
+            found[name.strip().lower()] = value.strip()
+        return None
+
+    def until_delimiter(self) -> bytes | None:
+        marker = self.data.find(b"\n" + self.delimiter, self.pos)
+        if marker < 0:
+            return None
+        value = self.data[self.pos : marker].removesuffix(b"\r")
+        self.pos = marker + 1
+        return value
+
+
+def _parse_head(
+    data: bytes, boundary: str
+) -> tuple[dict[str, Any], dict[str, str], int, str] | None:
+    """Metadata, media headers, where the media data starts and the newline; None if incomplete."""
+    head = _Head(data, b"--" + boundary.encode())
+    opening = head.line()
+    if opening is None:
+        return None
+    newline = "\r\n" if data[: head.pos].endswith(b"\r\n") else "\n"
+    if opening.rstrip(b" \t") != head.delimiter:
+        raise BadRequest("the multipart body must start with its boundary")
+    if head.headers() is None or (raw := head.until_delimiter()) is None:
+        return None
+    metadata = parse_metadata(raw)
+    separator = head.line()
+    if separator is None:
+        return None
+    if separator.rstrip(b" \t") != head.delimiter:
+        raise BadRequest("a multipart upload needs a media part after the metadata")
+    media = head.headers()
+    if media is None:
+        return None
+    unknown = set(media) - set(_MEDIA_HEADERS)
+    if unknown or any(c in v for v in media.values() for c in "\r\n"):
+        raise BadRequest("the media part takes only Content-Type and Content-Transfer-Encoding")
+    return metadata, media, head.pos, newline
 
 
 async def read_multipart(headers: Mapping[str, str], content: StreamReader) -> MultipartUpload:
-    content_type = headers.get("content-type", "")
-    if not content_type.lower().startswith("multipart/related") or "boundary=" not in content_type:
-        raise BadRequest("uploadType=multipart needs a multipart/related body with a boundary")
-    reader = MultipartReader({"Content-Type": content_type}, content)
-    first = await _next_part(reader)
-    if first is None:
-        raise BadRequest("multipart body has no metadata part")
-    raw = bytearray()
-    while chunk := await first.read_chunk(64 * 1024):
-        raw += chunk
-        if len(raw) > MAX_METADATA_BYTES:
+    boundary = boundary_of(headers.get("content-type", ""))
+    data = b""
+    while True:
+        parsed = _parse_head(data, boundary)
+        if parsed is not None:
+            metadata, media, start, newline = parsed
+            return MultipartUpload(metadata, media, boundary, start, data[start:], content, newline)
+        if len(data) > _MAX_HEAD:
             raise BadRequest("multipart metadata part is larger than 1 MiB")
-    metadata = parse_metadata(bytes(raw))
-    media = await _next_part(reader)
-    if media is None:
-        raise BadRequest("multipart body has no media part")
-    media_type = media.headers.get("Content-Type", "application/octet-stream")
-    if any(c in media_type for c in "\r\n"):
-        raise BadRequest("invalid media Content-Type")
-    return MultipartUpload(metadata, media_type, media, reader)
+        chunk = await content.readany()
+        if not chunk:
+            raise BadRequest("the multipart body ended before its media part")
+        data += chunk

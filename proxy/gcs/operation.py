@@ -1,20 +1,11 @@
-"""Operations: what a request asks Cloud Storage to do, parsed from method, raw path and query."""
+"""Operations: what a request asks Cloud Storage to do, as a value the rest of the proxy trusts."""
 
 from __future__ import annotations
 
 import enum
-import re
-from collections.abc import Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 
-from proxy.errors import BadRequest, Forbidden, MethodNotAllowed
-from proxy.gcs.rawurl import RawTarget, check_object_name, parse_target
 from proxy.policy.evaluate import Access
-from proxy.policy.model import Verb
-
-_BUCKET = re.compile(r"^[a-z0-9][a-z0-9._-]{1,220}[a-z0-9]$")
-_DIGITS = re.compile(r"^-?[0-9]{1,20}$")
-_BOOL = frozenset({"true", "false"})
 
 
 class Kind(enum.StrEnum):
@@ -22,12 +13,22 @@ class Kind(enum.StrEnum):
 
     GET = "objects.get"
     MEDIA = "objects.get.media"
+    XML_GET = "xml.objects.get"
     LIST = "objects.list"
     INSERT_MEDIA = "objects.insert.media"
     INSERT_MULTIPART = "objects.insert.multipart"
+    RESUMABLE_START = "objects.insert.resumable"
+    RESUMABLE_CHUNK = "objects.insert.resumable.chunk"
+    RESUMABLE_CANCEL = "objects.insert.resumable.cancel"
     DELETE = "objects.delete"
     PATCH = "objects.patch"
     UPDATE = "objects.update"
+    COPY = "objects.copy"
+    REWRITE = "objects.rewrite"
+    COMPOSE = "objects.compose"
+    MOVE = "objects.move"
+    RESTORE = "objects.restore"
+    ACL = "objectAccessControls"
 
 
 class Api(enum.StrEnum):
@@ -39,81 +40,65 @@ class Api(enum.StrEnum):
 ROUTES: dict[Kind, str] = {
     Kind.GET: "/storage/v1/b/{bucket}/o/{object}",
     Kind.MEDIA: "/storage/v1/b/{bucket}/o/{object}?alt=media",
+    Kind.XML_GET: "/{bucket}/{object}",
     Kind.LIST: "/storage/v1/b/{bucket}/o",
     Kind.INSERT_MEDIA: "/upload/storage/v1/b/{bucket}/o?uploadType=media",
     Kind.INSERT_MULTIPART: "/upload/storage/v1/b/{bucket}/o?uploadType=multipart",
+    Kind.RESUMABLE_START: "/upload/storage/v1/b/{bucket}/o?uploadType=resumable",
+    Kind.RESUMABLE_CHUNK: "/upload/storage/v1/b/{bucket}/o?uploadType=resumable&upload_id={handle}",
+    Kind.RESUMABLE_CANCEL: "/upload/storage/v1/b/{bucket}/o?uploadType=resumable&upload_id={handle}",
     Kind.DELETE: "/storage/v1/b/{bucket}/o/{object}",
     Kind.PATCH: "/storage/v1/b/{bucket}/o/{object}",
     Kind.UPDATE: "/storage/v1/b/{bucket}/o/{object}",
+    Kind.COPY: "/storage/v1/b/{bucket}/o/{object}/copyTo/b/{bucket}/o/{object}",
+    Kind.REWRITE: "/storage/v1/b/{bucket}/o/{object}/rewriteTo/b/{bucket}/o/{object}",
+    Kind.COMPOSE: "/storage/v1/b/{bucket}/o/{object}/compose",
+    Kind.MOVE: "/storage/v1/b/{bucket}/o/{object}/moveTo/o/{object}",
+    Kind.RESTORE: "/storage/v1/b/{bucket}/o/{object}/restore",
+    Kind.ACL: "/storage/v1/b/{bucket}/o/{object}/acl",
 }
 
-_PRECONDITIONS = frozenset(
+# Operations that create or replace their destination object.
+WRITES = frozenset(
     {
-        "ifGenerationMatch",
-        "ifGenerationNotMatch",
-        "ifMetagenerationMatch",
-        "ifMetagenerationNotMatch",
-    }
-)
-_COMMON = frozenset({"alt", "prettyPrint", "fields", "userProject", "quotaUser"})
-_ALLOWED_PARAMS: dict[Kind, frozenset[str]] = {
-    Kind.GET: _COMMON | _PRECONDITIONS | {"generation", "projection", "softDeleted"},
-    Kind.MEDIA: _COMMON | _PRECONDITIONS | {"generation"},
-    Kind.LIST: _COMMON
-    | {
-        "prefix",
-        "delimiter",
-        "maxResults",
-        "pageToken",
-        "versions",
-        "startOffset",
-        "endOffset",
-        "matchGlob",
-        "includeTrailingDelimiter",
-        "includeFoldersAsPrefixes",
-        "projection",
-        "softDeleted",
-    },
-    Kind.INSERT_MEDIA: _COMMON
-    | _PRECONDITIONS
-    | {"uploadType", "name", "contentEncoding", "projection"},
-    Kind.INSERT_MULTIPART: _COMMON
-    | _PRECONDITIONS
-    | {"uploadType", "name", "contentEncoding", "projection"},
-    Kind.DELETE: _COMMON | _PRECONDITIONS | {"generation"},
-    Kind.PATCH: _COMMON
-    | _PRECONDITIONS
-    | {"generation", "projection", "overrideUnlockedRetention"},
-    Kind.UPDATE: _COMMON
-    | _PRECONDITIONS
-    | {"generation", "projection", "overrideUnlockedRetention"},
-}
-# Parameters that grant more than the operation's verb; refused until an issue adds them.
-_PRIVILEGED_PARAMS = frozenset({"predefinedAcl", "kmsKeyName", "overrideUnlockedRetention"})
-_NUMERIC = _PRECONDITIONS | {"generation", "maxResults"}
-_BOOLEAN = frozenset(
-    {
-        "prettyPrint",
-        "versions",
-        "includeTrailingDelimiter",
-        "includeFoldersAsPrefixes",
-        "softDeleted",
+        Kind.INSERT_MEDIA,
+        Kind.INSERT_MULTIPART,
+        Kind.RESUMABLE_START,
+        Kind.COPY,
+        Kind.REWRITE,
+        Kind.COMPOSE,
+        Kind.MOVE,
+        Kind.RESTORE,
     }
 )
 
 
 @dataclass(frozen=True)
+class Source:
+    bucket: str
+    object: str
+
+
+@dataclass(frozen=True)
 class Operation:
-    """A parsed request: what to authorise and everything needed to rebuild it upstream."""
+    """A parsed request: what to authorise and everything needed to rebuild it upstream.
+
+    `bucket`/`object` name the object acted on (the destination of copies); `sources` the
+    objects read from; `accesses` everything the caller needs, all of which must be granted.
+    """
 
     kind: Kind
     method: str
     bucket: str
     object: str | None = None
     prefix: str | None = None
+    sources: tuple[Source, ...] = ()
     params: tuple[tuple[str, str], ...] = ()
-    accesses: tuple[Access, ...] = field(default=())
+    accesses: tuple[Access, ...] = ()
     user_project: str | None = None
+    acl_entity: str | None = None
+    upload_handle: str | None = None
+    privileged: bool = False  # a parameter needs `admin` on the object, once it is known
 
     @property
     def route(self) -> str:
@@ -131,124 +116,8 @@ class Operation:
         params = tuple((k, v) for k, v in self.params if k != name) + ((name, value),)
         return replace(self, params=params)
 
+    def without_param(self, name: str) -> Operation:
+        return replace(self, params=tuple((k, v) for k, v in self.params if k != name))
 
-def parse_request(method: str, raw_target: str, headers: Mapping[str, str]) -> Operation:
-    """Parse a data-port request into an operation, or raise a 4xx `ProxyError`."""
-    if "x-http-method-override" in headers:
-        raise BadRequest("method override is not accepted")
-    target = parse_target(raw_target)
-    operation = _route(method, target)
-    _check_params(operation.kind, target.query)
-    user_project = _user_project(target.query, headers)
-    params = tuple(
-        (k, v) for k, v in target.query.items() if k not in {"userProject", "projection"}
-    )
-    if operation.kind in {
-        Kind.GET,
-        Kind.LIST,
-        Kind.PATCH,
-        Kind.UPDATE,
-        Kind.INSERT_MEDIA,
-        Kind.INSERT_MULTIPART,
-    }:
-        # ACLs are admin material; metadata responses never carry them.
-        params += (("projection", "noAcl"),)
-    return replace(operation, params=params, user_project=user_project)
-
-
-def _user_project(query: Mapping[str, str], headers: Mapping[str, str]) -> str | None:
-    from_query = query.get("userProject")
-    from_header = headers.get("x-goog-user-project")
-    if from_query is not None and from_header is not None and from_query != from_header:
-        raise BadRequest("userProject and X-Goog-User-Project disagree")
-    return from_query if from_query is not None else from_header
-
-
-def _check_params(kind: Kind, query: Mapping[str, str]) -> None:
-    allowed = _ALLOWED_PARAMS[kind]
-    for name, value in query.items():
-        if name in _PRIVILEGED_PARAMS:
-            raise Forbidden(f"the {name!r} parameter is not permitted through this proxy")
-        if name not in allowed:
-            raise BadRequest(f"unsupported query parameter {name!r} for {kind.value}")
-        if name in _NUMERIC and not _DIGITS.match(value):
-            raise BadRequest(f"query parameter {name!r} must be an integer")
-        if name in _BOOLEAN and value not in _BOOL:
-            raise BadRequest(f"query parameter {name!r} must be true or false")
-    if query.get("projection", "noAcl") not in {"noAcl", "full"}:
-        raise BadRequest("projection must be noAcl or full")
-
-
-def _bucket(name: str) -> str:
-    if not _BUCKET.match(name) or ".." in name:
-        raise BadRequest(f"invalid bucket name {name[:64]!r}")
-    return name
-
-
-def _route(method: str, target: RawTarget) -> Operation:
-    s = target.segments
-    for api in Api:
-        parts = tuple(api.value[1:].split("/"))
-        if s[: len(parts)] == parts:
-            return _route_api(api, method, s[len(parts) :], target.query)
-    raise Forbidden("this request is not permitted through the proxy")
-
-
-def _route_api(api: Api, method: str, s: tuple[str, ...], query: Mapping[str, str]) -> Operation:
-    if len(s) < 3 or s[0] != "b" or s[2] != "o":
-        raise Forbidden("only object operations are permitted through the proxy")
-    bucket = _bucket(s[1])
-    rest = s[3:]
-    if api is Api.UPLOAD:
-        if rest or method != "POST":
-            raise Forbidden("this upload request is not permitted through the proxy")
-        return _upload(bucket, query)
-    if not rest:
-        if api is not Api.JSON or method not in {"GET", "HEAD"}:
-            raise Forbidden("this request is not permitted through the proxy")
-        prefix = query.get("prefix", "")
-        return Operation(
-            Kind.LIST, "GET", bucket, prefix=prefix, accesses=(Access(Verb.LIST, bucket, prefix),)
-        )
-    if len(rest) > 1:
-        raise Forbidden("object sub-resources are not permitted through the proxy")
-    name = check_object_name(rest[0])
-    if api is Api.DOWNLOAD:
-        if method not in {"GET", "HEAD"}:
-            raise MethodNotAllowed("downloads accept GET and HEAD only")
-        return _object(Kind.MEDIA, method, bucket, name, Verb.READ)
-    alt = query.get("alt", "json")
-    if alt not in {"json", "media"}:
-        raise BadRequest("alt must be json or media")
-    if method in {"GET", "HEAD"}:
-        kind = Kind.MEDIA if alt == "media" else Kind.GET
-        return _object(kind, method, bucket, name, Verb.READ)
-    if alt != "json":
-        raise BadRequest("alt=media is only valid for downloads")
-    verbs = {
-        "DELETE": (Kind.DELETE, Verb.DELETE),
-        "PATCH": (Kind.PATCH, Verb.METADATA),
-        "PUT": (Kind.UPDATE, Verb.METADATA),
-    }
-    if method not in verbs:
-        raise MethodNotAllowed(f"{method} is not supported on objects")
-    kind, verb = verbs[method]
-    return _object(kind, method, bucket, name, verb)
-
-
-def _object(kind: Kind, method: str, bucket: str, name: str, verb: Verb) -> Operation:
-    return Operation(kind, method, bucket, object=name, accesses=(Access(verb, bucket, name),))
-
-
-def _upload(bucket: str, query: Mapping[str, str]) -> Operation:
-    upload_type = query.get("uploadType")
-    if upload_type == "media":
-        name = query.get("name")
-        if name is None:
-            raise BadRequest("uploadType=media requires the name parameter")
-        return _object(Kind.INSERT_MEDIA, "POST", bucket, check_object_name(name), Verb.WRITE)
-    if upload_type == "multipart":
-        # The object name may live in the metadata part: resolved once that part is read.
-        name = query.get("name")
-        return Operation(Kind.INSERT_MULTIPART, "POST", bucket, object=name)
-    raise Forbidden(f"uploadType {upload_type!r} is not permitted through the proxy")
+    def needing(self, *accesses: Access) -> Operation:
+        return replace(self, accesses=self.accesses + accesses)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+from proxy.gcs.operation import Kind
 from proxy.gcs.rawurl import encode_segment
 
 KeepName = Callable[[str], bool]
@@ -54,3 +55,29 @@ def reshape_list(body: Any, origin: str, keep: KeepName) -> Any:
     if isinstance(prefixes, list):
         body["prefixes"] = [p for p in prefixes if isinstance(p, str) and keep(p)]
     return body
+
+
+def proxied_link(link: str, origin: str) -> str:
+    """Any Cloud Storage JSON API link, re-rooted at the proxy."""
+    index = link.find("/storage/v1/")
+    return origin + link[index:] if index >= 0 else ""
+
+
+def reshape_acl(body: Any, origin: str) -> Any:
+    entries = body.get("items") if isinstance(body, dict) and "items" in body else [body]
+    for entry in entries if isinstance(entries, list) else []:
+        if isinstance(entry, dict) and isinstance(entry.get("selfLink"), str):
+            entry["selfLink"] = proxied_link(entry["selfLink"], origin)
+    return body
+
+
+def reshape(kind: Kind, body: Any, origin: str, keep: KeepName) -> Any:
+    """The caller's view of a JSON answer: every link through the proxy, lists filtered."""
+    if kind is Kind.LIST:
+        return reshape_list(body, origin, keep)
+    if kind is Kind.ACL:
+        return reshape_acl(body, origin)
+    if kind is Kind.REWRITE and isinstance(body, dict):
+        reshape_object(body.get("resource"), origin)
+        return body
+    return reshape_object(body, origin)

@@ -39,45 +39,72 @@ class Decision:
 class _Entry:
     order: int
     rule: Rule
-    prefix: str
 
-    def matches(self, identity: Identity, path: str) -> bool:
-        if _TEMPLATE_START not in self.prefix:
-            return path.startswith(self.prefix)
-        expanded = self.prefix
-        for name, value in identity.template_values().items():
-            token = "${" + name + "}"
-            if token in expanded:
-                if not template_safe(value):
-                    return False
-                expanded = expanded.replace(token, value)  # type: ignore[arg-type]
-        return path.startswith(expanded)
+
+@dataclass
+class _Slot:
+    """The earliest allow and deny rule per verb for one prefix: the cost of a lookup is one
+    slot per matching prefix, however many rules repeat that prefix."""
+
+    allow: dict[Verb, _Entry] = field(default_factory=dict)
+    deny: dict[Verb, _Entry] = field(default_factory=dict)
+
+    def add(self, entry: _Entry) -> None:
+        slots = self.deny if entry.rule.effect is Effect.DENY else self.allow
+        for verb in entry.rule.verbs:
+            if verb not in slots:  # rules are added in order: the first one decides
+                slots[verb] = entry
+
+
+def expand_template(template: str, identity: Identity) -> str | None:
+    """A templated prefix with the identity's values, or None if a value is unsafe."""
+    expanded = template
+    for name, value in identity.template_values().items():
+        token = "${" + name + "}"
+        if token in expanded:
+            if value is None or not template_safe(value):
+                return None
+            expanded = expanded.replace(token, value)
+    return expanded
 
 
 @dataclass
 class _PrefixTable:
-    """Rules of one (principal, bucket), looked up by the prefixes of a path."""
+    """Rules of one (principal, bucket), looked up by the prefixes of a path.
 
-    static: dict[str, list[_Entry]] = field(default_factory=lambda: defaultdict(list))
+    Static prefixes are found by slicing the path at each known prefix length; templated
+    prefixes by the static head before their first `${`, so only templates that can match
+    the path are expanded."""
+
+    static: dict[str, _Slot] = field(default_factory=lambda: defaultdict(_Slot))
+    templates: dict[str, dict[str, _Slot]] = field(default_factory=lambda: defaultdict(dict))
     lengths: list[int] = field(default_factory=list)
-    templated: list[_Entry] = field(default_factory=list)
 
-    def add(self, entry: _Entry) -> None:
-        if _TEMPLATE_START in entry.prefix:
-            self.templated.append(entry)
-            return
-        self.static[entry.prefix].append(entry)
-        if len(entry.prefix) not in self.lengths:
-            self.lengths.append(len(entry.prefix))
+    def add(self, entry: _Entry, prefix: str) -> None:
+        if _TEMPLATE_START in prefix:
+            head = prefix[: prefix.index(_TEMPLATE_START)]
+            self.templates[head].setdefault(prefix, _Slot()).add(entry)
+            key = len(head)
+        else:
+            self.static[prefix].add(entry)
+            key = len(prefix)
+        if key not in self.lengths:
+            self.lengths.append(key)
             self.lengths.sort()
 
-    def candidates(self, path: str) -> list[_Entry]:
-        found: list[_Entry] = []
+    def slots(self, identity: Identity, path: str) -> list[_Slot]:
+        found: list[_Slot] = []
         for length in self.lengths:
             if length > len(path):
                 break
-            found.extend(self.static.get(path[:length], ()))
-        found.extend(self.templated)
+            head = path[:length]
+            slot = self.static.get(head)
+            if slot is not None:
+                found.append(slot)
+            for template, templated in self.templates.get(head, {}).items():
+                expanded = expand_template(template, identity)
+                if expanded is not None and path.startswith(expanded):
+                    found.append(templated)
         return found
 
 
@@ -118,7 +145,7 @@ def compile_policy(policy: Policy) -> PolicyIndex:
         for key in keys:
             table = tables[(key, rule.bucket)]
             for prefix in rule.prefixes:
-                table.add(_Entry(order, rule, prefix))
+                table.add(_Entry(order, rule), prefix)
     return PolicyIndex(policy, dict(tables))
 
 
@@ -130,14 +157,13 @@ def evaluate(index: PolicyIndex, identity: Identity, access: Access) -> Decision
         table = index.tables.get((principal, access.bucket))
         if table is None:
             continue
-        for entry in table.candidates(access.path):
-            if access.verb not in entry.rule.verbs or not entry.matches(identity, access.path):
-                continue
-            if entry.rule.effect is Effect.DENY:
-                if deny is None or entry.order < deny.order:
-                    deny = entry
-            elif allow is None or entry.order < allow.order:
-                allow = entry
+        for slot in table.slots(identity, access.path):
+            denied = slot.deny.get(access.verb)
+            if denied is not None and (deny is None or denied.order < deny.order):
+                deny = denied
+            allowed = slot.allow.get(access.verb)
+            if allowed is not None and (allow is None or allowed.order < allow.order):
+                allow = allowed
     if deny is not None:
         return Decision(False, access, deny.rule, f"denied by rule {deny.rule.id!r}")
     if allow is not None:

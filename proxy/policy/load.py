@@ -101,7 +101,10 @@ def revision_of(texts: Sequence[PolicyText]) -> str:
 
 
 def is_loopback_url(url: str) -> bool:
-    host = urlsplit(url).hostname or ""
+    try:
+        host = urlsplit(url).hostname or ""
+    except ValueError:
+        return False
     if host == "localhost":
         return True
     try:
@@ -210,6 +213,7 @@ class _Builder:
             line = mark.line + 1 if mark is not None else 0
             problem = getattr(exc, "problem", None) or str(exc)
             self.errors.append(f"{self.file}:{line}: invalid YAML: {problem}")
+            self.saw_issuers = True  # unknown: do not pile a guess on top of the real error
             return
         if root is None:
             self.errors.append(f"{self.file}:1: empty policy file")
@@ -319,7 +323,12 @@ class _Builder:
         value = self.string(node, what)
         if value is None:
             return None
-        parts = urlsplit(value)
+        try:
+            parts = urlsplit(value)
+            parts.port  # noqa: B018 - validates the port as a side effect
+        except ValueError:
+            self.error(node, f"{what} {value!r} is not a valid URL")
+            return None
         if parts.scheme == "https" and parts.hostname:
             return value
         if parts.scheme == "http" and parts.hostname and is_loopback_url(value):
@@ -488,6 +497,7 @@ class _Builder:
             user_projects=frozenset(self.user_projects),
             revision=revision_of(texts),
             files=tuple(t.name for t in texts),
+            group_sources=dict(self.group_sources),
         )
 
 

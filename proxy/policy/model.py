@@ -72,6 +72,7 @@ class Policy:
     user_projects: frozenset[str]
     revision: str
     files: tuple[str, ...] = field(default=())
+    group_sources: dict[str, Source] = field(default_factory=dict)
 
 
 def template_safe(value: str | None) -> bool:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -10,6 +11,7 @@ import time
 import urllib.error
 import urllib.request
 from pathlib import Path
+from typing import Any
 
 
 def free_port() -> int:
@@ -64,6 +66,21 @@ class ProxyProcess:
                 pass
             time.sleep(0.05)
         raise RuntimeError(f"proxy not ready in {timeout}s:\n{self.output()}")
+
+    def audit_records(self, resource: str, timeout: float = 5) -> list[dict[str, Any]]:
+        """Audit records for `resource`, waiting for them: they are written after the response."""
+        deadline = time.monotonic() + timeout
+        while True:
+            records = [
+                record
+                for line in self.output().splitlines()
+                if line.startswith("{") and '"audit"' in line
+                for record in [json.loads(line)]
+                if record.get("audit", {}).get("resource") == resource
+            ]
+            if records or time.monotonic() > deadline:
+                return records
+            time.sleep(0.05)
 
     def output(self) -> str:
         self._out.flush()

@@ -1,0 +1,270 @@
+"""Access as grants: who may do what, and what changed, by asking the evaluator about principals."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from proxy.policy.evaluate import (
+    Access,
+    PolicyIndex,
+    compile_policy,
+    evaluate,
+    expand_principal,
+    expand_template,
+)
+from proxy.policy.load import TEMPLATE_VARIABLES
+from proxy.policy.model import ALL_VERBS, Identity, Policy
+
+# A stand-in issuer and subject no `subject:` principal names, for principals that are emails.
+ANY_ISSUER = "urn:gcs-iap-proxy:any-issuer"
+ANY_SUBJECT = "any-subject"
+_ANYONE = "anyone"
+_TEMPLATE = re.compile(r"\$\{([a-z]+)\}")
+
+
+def covers(wide: str, narrow: str) -> bool:
+    """Whether every identity holding principal `narrow` also holds `wide`."""
+    if wide == narrow or wide == "allAuthenticatedUsers":
+        return True
+    kind, _, rest = wide.partition(":")
+    if kind != "domain":
+        return False
+    narrow_kind, _, email = narrow.partition(":")
+    return narrow_kind in {"user", "serviceAccount"} and email.rpartition("@")[2] == rest
+
+
+def principals_of(policy: Policy) -> set[str]:
+    """Every principal the policy names, groups expanded."""
+    return {
+        p for rule in policy.rules for q in rule.principals for p in expand_principal(policy, q)
+    }
+
+
+class Representatives:
+    """An identity for each principal: one that holds that principal and nothing more specific
+    the policies mention, so evaluating it tells what every holder of the principal may do."""
+
+    def __init__(self, named: Iterable[str]) -> None:
+        self._emails = {
+            p.partition(":")[2] for p in named if p.startswith(("user:", "serviceAccount:"))
+        }
+
+    def identity(self, principal: str) -> Identity | None:
+        """None for a principal no caller can hold (`user:` with a service account's email)."""
+        kind, _, rest = principal.partition(":")
+        if kind in {"user", "serviceAccount"}:
+            identity = Identity(ANY_ISSUER, ANY_SUBJECT, rest)
+            return identity if principal in identity.principals() else None
+        if kind == "domain":
+            return Identity(ANY_ISSUER, ANY_SUBJECT, self._unnamed_member(rest))
+        if kind == "subject":
+            issuer, _, subject = rest.partition("#")
+            return Identity(issuer, subject)
+        return Identity(ANY_ISSUER, ANY_SUBJECT)
+
+    def _unnamed_member(self, domain: str) -> str:
+        local, n = _ANYONE, 0
+        while f"{local}@{domain}" in self._emails:
+            n += 1
+            local = f"{_ANYONE}{n}"
+        return f"{local}@{domain}"
+
+
+def prune(principals: Iterable[str]) -> list[str]:
+    """Drop principals another one in the list already covers."""
+    found = sorted(set(principals))
+    return [p for p in found if not any(q != p and covers(q, p) for q in found)]
+
+
+# -- who-can ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class WhoCan:
+    access: Access
+    principals: tuple[str, ...]
+    exceptions: tuple[str, ...]
+
+    def as_json(self) -> dict[str, object]:
+        return {"principals": list(self.principals), "except": list(self.exceptions)}
+
+    def text(self) -> str:
+        if not self.principals:
+            return f"nobody may {self.access.verb.value} {self.access.resource}"
+        lines = [f"may {self.access.verb.value} {self.access.resource}:"]
+        lines += [f"  {p}" for p in self.principals]
+        if self.exceptions:
+            lines.append("except (denied or not granted):")
+            lines += [f"  {p}" for p in self.exceptions]
+        return "\n".join(lines)
+
+
+def _bindings(template: str, path: str) -> dict[str, str] | None:
+    """The template values that make `template` a prefix of `path` (None if none do)."""
+    parts = _TEMPLATE.split(template)
+    pattern, seen = "", set()
+    for i, part in enumerate(parts):
+        if i % 2 == 0:
+            pattern += re.escape(part)
+        elif part in seen:
+            pattern += f"(?P={part})"
+        else:
+            seen.add(part)
+            # A trailing variable would match any prefix of the segment: take the whole one.
+            pattern += f"(?P<{part}>[^/]+)"
+    match = re.match(pattern, path)
+    return dict(match.groupdict()) if match else None
+
+
+def _template_principals(policy: Policy, bucket: str, path: str) -> set[str]:
+    """Principals a templated prefix singles out for this path (`home/${email}/` -> user:...)."""
+    found: set[str] = set()
+    for rule in policy.rules:
+        if rule.bucket != bucket:
+            continue
+        for prefix in rule.prefixes:
+            values = _bindings(prefix, path) if "${" in prefix else None
+            if not values or not set(values) <= TEMPLATE_VARIABLES:
+                continue
+            email, domain, sub = values.get("email"), values.get("domain"), values.get("sub")
+            if email:
+                kind = "serviceAccount" if email.endswith(".gserviceaccount.com") else "user"
+                found.add(f"{kind}:{email.lower()}")
+            elif domain:
+                found.add(f"domain:{domain.lower()}")
+            elif sub:
+                found.update(f"subject:{i.issuer}#{sub}" for i in policy.issuers)
+    return found
+
+
+def who_can(policy: Policy, access: Access, index: PolicyIndex | None = None) -> WhoCan:
+    """The principals (groups expanded, denies applied) that may perform `access`."""
+    index = index or compile_policy(policy)
+    candidates = principals_of(policy) | _template_principals(policy, access.bucket, access.path)
+    candidates.add("allAuthenticatedUsers")
+    people = Representatives(candidates)
+    allowed = {p for p in candidates if _allowed(index, people.identity(p), access)}
+    listed = prune(allowed)
+    refused = sorted(
+        p for p in candidates - allowed if any(covers(q, p) and q != p for q in listed)
+    )
+    return WhoCan(access, tuple(listed), tuple(refused))
+
+
+def _allowed(index: PolicyIndex, identity: Identity | None, access: Access) -> bool:
+    return identity is not None and evaluate(index, identity, access).allowed
+
+
+# -- diff -----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, order=True)
+class Grant:
+    principal: str
+    verb: str
+    bucket: str
+    prefix: str
+
+    def as_json(self) -> dict[str, str]:
+        return {
+            "principal": self.principal,
+            "verb": self.verb,
+            "bucket": self.bucket,
+            "prefix": self.prefix,
+        }
+
+    def __str__(self) -> str:
+        return f"{self.principal} {self.verb} gs://{self.bucket}/{self.prefix}"
+
+
+@dataclass(frozen=True)
+class AccessDiff:
+    granted: tuple[Grant, ...]
+    revoked: tuple[Grant, ...]
+
+    @property
+    def changed(self) -> bool:
+        return bool(self.granted or self.revoked)
+
+    def as_json(self) -> dict[str, object]:
+        return {
+            "granted": [g.as_json() for g in self.granted],
+            "revoked": [g.as_json() for g in self.revoked],
+        }
+
+    def text(self) -> str:
+        if not self.changed:
+            return "no change in access"
+        lines = [f"+ {g}" for g in self.granted] + [f"- {g}" for g in self.revoked]
+        summary = f"{len(self.granted)} grant(s) added, {len(self.revoked)} removed"
+        return "\n".join([*lines, summary])
+
+
+Regions = dict[str, set[str]]
+
+
+def regions(*policies: Policy) -> Regions:
+    """Per bucket, every prefix any rule names. Access is the same for every object whose
+    longest named prefix is the same, so asking about each named prefix answers for all."""
+    found: Regions = {}
+    for policy in policies:
+        for rule in policy.rules:
+            found.setdefault(rule.bucket, set()).update(rule.prefixes)
+    return found
+
+
+def grants(
+    policy: Policy, principals: Iterable[str], places: Regions, people: Representatives
+) -> set[Grant]:
+    """Every (principal, verb, bucket, prefix) the policy allows, one per region.
+
+    A templated prefix stands for each caller's own value: a principal's representative is
+    asked about the prefix filled in with its own email, subject or domain."""
+    index = compile_policy(policy)
+    found: set[Grant] = set()
+    for principal in principals:
+        identity = people.identity(principal)
+        if identity is None:
+            continue
+        for bucket, prefixes in places.items():
+            for prefix in prefixes:
+                path = expand_template(prefix, identity) if "${" in prefix else prefix
+                for verb in sorted(ALL_VERBS):
+                    access = Access(verb, bucket, path if path is not None else prefix)
+                    if evaluate(index, identity, access).allowed:
+                        found.add(Grant(principal, verb.value, bucket, prefix))
+    return found
+
+
+def _minimal(changes: set[Grant], places: Regions) -> tuple[Grant, ...]:
+    """Drop a change another one implies: a wider principal, or the enclosing region."""
+
+    def implied(g: Grant) -> bool:
+        wider = any(
+            Grant(p, g.verb, g.bucket, g.prefix) in changes
+            for p in {c.principal for c in changes}
+            if p != g.principal and covers(p, g.principal)
+        )
+        enclosing = [
+            p for p in places.get(g.bucket, ()) if p != g.prefix and g.prefix.startswith(p)
+        ]
+        parent = max(enclosing, key=len, default=None)
+        return wider or (parent is not None and replace_prefix(g, parent) in changes)
+
+    return tuple(sorted(g for g in changes if not implied(g)))
+
+
+def replace_prefix(grant: Grant, prefix: str) -> Grant:
+    return Grant(grant.principal, grant.verb, grant.bucket, prefix)
+
+
+def diff(old: Policy, new: Policy) -> AccessDiff:
+    """Access NEW grants that OLD did not, and access OLD granted that NEW does not."""
+    named = principals_of(old) | principals_of(new)
+    people = Representatives(named)
+    places = regions(old, new)
+    before = grants(old, named, places, people)
+    after = grants(new, named, places, people)
+    return AccessDiff(_minimal(after - before, places), _minimal(before - after, places))

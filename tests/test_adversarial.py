@@ -1,0 +1,704 @@
+"""Bypass attempts. Each case asserts the refusal, that nothing it should not send reached
+upstream (the recording relay in front of fake-gcs-server), and that no object changed.
+
+Where fake-gcs-server differs from real Cloud Storage it is said next to the case.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import socket
+import textwrap
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import pytest
+
+from proxy.devserver.issuer import DevIssuer
+from tests.support.fakegcs import FakeGcs
+from tests.support.proxyproc import ProxyProcess, isolated_env
+from tests.support.recorder import RecordingRelay
+
+pytestmark = pytest.mark.integration
+
+AUD = "adversarial"
+BUCKET = "adv-bucket"
+OTHER = "adv-other"
+ALICE = "alice@example.com"
+MALLORY = "mallory@example.net"
+
+
+@dataclass
+class Reply:
+    status: int
+    headers: dict[str, str]
+    body: bytes
+
+    def error(self) -> str:
+        return str(json.loads(self.body)["error"]["message"])
+
+
+@pytest.fixture(scope="module")
+def proxy(
+    tmp_path_factory,
+    dev_issuer: DevIssuer,
+    metadata_server,
+    fake_gcs: FakeGcs,
+    relay: RecordingRelay,
+) -> Iterator[ProxyProcess]:
+    tmp = tmp_path_factory.mktemp("adversarial")
+    policy = tmp / "policy.yaml"
+    policy.write_text(
+        textwrap.dedent(
+            f"""\
+            version: 1
+            issuers:
+              - issuer: {dev_issuer.issuer_url}
+                audiences: ["{AUD}"]
+            rules:
+              - id: alice-home
+                principals: ["user:{ALICE}"]
+                bucket: {BUCKET}
+                prefixes: ["alice/"]
+                verbs: [read, list, write, delete, metadata]
+              - id: mallory-own
+                principals: ["user:{MALLORY}"]
+                bucket: {BUCKET}
+                prefixes: ["mallory/"]
+                verbs: [read, list, write, delete, metadata]
+            """
+        )
+    )
+    for bucket in (BUCKET, OTHER):
+        fake_gcs.create_bucket(bucket)
+    _, metadata_port = metadata_server
+    process = ProxyProcess(policy, relay.url, isolated_env(tmp, metadata_port))
+    process.wait_ready()
+    yield process
+    process.stop()
+
+
+@pytest.fixture
+def seeded(fake_gcs: FakeGcs, relay: RecordingRelay) -> Iterator[FakeGcs]:
+    fake_gcs.put_object(BUCKET, "bob/secret.txt", b"bob's secret")
+    fake_gcs.put_object(BUCKET, "alice/mine.txt", b"alice's own")
+    fake_gcs.put_object(OTHER, "anything.txt", b"other bucket")
+    relay.clear()
+    yield fake_gcs
+
+
+@pytest.fixture
+def tokens(dev_issuer: DevIssuer) -> dict[str, str]:
+    return {
+        "alice": dev_issuer.mint(audience=AUD, subject="alice", email=ALICE),
+        "mallory": dev_issuer.mint(audience=AUD, subject="mallory", email=MALLORY),
+    }
+
+
+def call(
+    proxy: ProxyProcess,
+    method: str,
+    target: str,
+    token: str | None = None,
+    body: bytes | None = None,
+    headers: dict[str, str] | None = None,
+) -> Reply:
+    connection = http.client.HTTPConnection("127.0.0.1", proxy.port, timeout=30)
+    all_headers = dict(headers or {})
+    if token is not None:
+        all_headers["Authorization"] = f"Bearer {token}"
+    connection.putrequest(method, target, skip_accept_encoding=True)
+    for name, value in all_headers.items():
+        connection.putheader(name, value)
+    if (
+        body is not None
+        and "Content-Length" not in all_headers
+        and "Transfer-Encoding" not in all_headers
+    ):
+        connection.putheader("Content-Length", str(len(body)))
+    connection.endheaders(body)
+    response = connection.getresponse()
+    reply = Reply(
+        response.status, {k.lower(): v for k, v in response.getheaders()}, response.read()
+    )
+    connection.close()
+    return reply
+
+
+def raw_exchange(proxy: ProxyProcess, data: bytes, *, close_after_send: bool = False) -> bytes:
+    with socket.create_connection(("127.0.0.1", proxy.port), timeout=10) as sock:
+        sock.sendall(data)
+        if close_after_send:
+            return b""
+        chunks = []
+        try:
+            while chunk := sock.recv(65536):
+                chunks.append(chunk)
+        except TimeoutError:
+            pass
+        return b"".join(chunks)
+
+
+def untouched(fake_gcs: FakeGcs) -> None:
+    assert fake_gcs.get_object(BUCKET, "bob/secret.txt") == b"bob's secret"
+    assert fake_gcs.get_object(BUCKET, "alice/mine.txt") == b"alice's own"
+    assert fake_gcs.get_object(OTHER, "anything.txt") == b"other bucket"
+
+
+# -- paths ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("target", "status"),
+    [
+        (
+            "/storage/v1/b/adv-bucket/o/alice/../bob%2Fsecret.txt?alt=media",
+            403,
+        ),  # raw dot segments: not one object segment
+        ("/storage/v1/b/adv-bucket/o/%2E%2E?alt=media", 400),  # GCS forbids the names '.' and '..'
+        (
+            "/storage/v1/b/adv-bucket/o/alice%252F..%252Fbob%252Fsecret.txt?alt=media",
+            403,
+        ),  # decoded once: 'alice%2F..'
+        (
+            "/storage/v1/b/adv-bucket/o/bob%2fsecret.txt?alt=media",
+            403,
+        ),  # lower-case %2f is still '/'
+        (
+            "/storage/v1/b/adv-bucket/o/alice%5C..%5Cbob%5Csecret.txt?alt=media",
+            403,
+        ),  # backslash is a literal
+        ("/storage/v1/b/adv-bucket/o/alice\\..\\bob\\secret.txt?alt=media", 400),
+        ("/storage/v1/b/adv-bucket/o/alice%2Fx%00.txt?alt=media", 400),
+        ("/storage/v1/b/adv-bucket/o/alice%2Fx%0D%0AX-Injected:%201?alt=media", 400),
+        ("/storage/v1/b/adv-bucket/o/alice%2Fx%C0%AF?alt=media", 400),  # overlong UTF-8 '/'
+        ("/storage/v1/b/adv-bucket/o/alice%2Fx%zz?alt=media", 400),
+        ("/storage/v1/b/adv-bucket//o/alice%2Fmine.txt?alt=media", 400),
+        (
+            "/storage/v1/b/adv-bucket/o/bob%2Fsecret.txt;alice%2Fmine.txt?alt=media",
+            403,
+        ),  # ';' is part of the name
+        ("/storage/v1/b/adv-bucket/o/bob%2Fsecret.txt?alt=media&alt=media", 400),
+        ("/storage/v1/b/adv-bucket/o/bob%2Fsecret.txt?alt=media&%24alt=json", 400),
+        ("/storage/v1/b/ADV-BUCKET/o/alice%2Fmine.txt?alt=media", 400),
+        ("/storage/v1/b/adv-bucket%2F..%2Fadv-other/o/anything.txt?alt=media", 400),
+        ("/adv-bucket/bob/secret.txt", 403),  # XML API: same rules
+        (
+            "/adv-bucket/alice/../bob/secret.txt",
+            403,
+        ),  # a literal name 'alice/../bob/secret.txt' is not bob's object
+    ],
+)
+def test_path_tricks(proxy, seeded, relay, tokens, target, status):
+    reply = call(proxy, "GET", target, tokens["alice"])
+    if target == "/adv-bucket/alice/../bob/secret.txt":
+        # Allowed as the literal name 'alice/../bob/secret.txt', which does not exist: it must
+        # never resolve to bob's object (real GCS also treats '..' literally).
+        assert reply.status == 404
+        assert [s.path for s in relay.seen] == ["/adv-bucket/alice%2F..%2Fbob%2Fsecret.txt"]
+        return
+    assert reply.status == status, reply.body
+    assert b"bob's secret" not in reply.body
+    assert relay.seen == []
+    untouched(seeded)
+
+
+def test_encoded_dot_segments_stay_one_literal_segment_upstream(proxy, seeded, relay, tokens):
+    reply = call(
+        proxy,
+        "GET",
+        "/storage/v1/b/adv-bucket/o/alice%2F..%2Fbob%2Fsecret.txt?alt=media",
+        tokens["alice"],
+    )
+    # The literal object 'alice/../bob/secret.txt' does not exist; bob's object is never served.
+    assert reply.status == 404
+    assert [s.path for s in relay.seen] == [
+        "/storage/v1/b/adv-bucket/o/alice%2F..%2Fbob%2Fsecret.txt"
+    ]
+
+
+def test_fragment_in_request_target(proxy, seeded, relay, tokens):
+    request = (
+        "GET /storage/v1/b/adv-bucket/o/bob%2Fsecret.txt#alice%2Fmine.txt?alt=media HTTP/1.1\r\n"
+        f"Host: x\r\nAuthorization: Bearer {tokens['alice']}\r\nConnection: close\r\n\r\n"
+    ).encode()
+    reply = raw_exchange(proxy, request)
+    assert reply.startswith(b"HTTP/1.1 400")
+    assert relay.seen == []
+
+
+# -- query strings ------------------------------------------------------------------------
+
+
+def test_semicolon_is_not_a_separator(proxy, seeded, relay, tokens):
+    reply = call(
+        proxy, "GET", "/storage/v1/b/adv-bucket/o?prefix=alice%2F;prefix=bob%2F", tokens["alice"]
+    )
+    # One parameter, prefix='alice/;prefix=bob/': inside alice/, so allowed, and re-encoded
+    # upstream (fake-gcs-server would otherwise drop the pair and list the whole bucket).
+    assert reply.status == 200
+    assert b"bob/" not in reply.body
+    assert [s.query for s in relay.seen] == ["prefix=alice%2F%3Bprefix%3Dbob%2F&projection=noAcl"]
+
+
+@pytest.mark.parametrize(
+    "query",
+    [
+        "prefix=alice%2F&prefix=bob%2F",
+        "prefix=bob%2F&prefix=alice%2F",
+        "prefix=alice%2F&access_token=x",
+        "prefix=alice%2F&key=AIza",
+        "prefix=alice%2F&X-Goog-Signature=abc&X-Goog-Credential=x",
+        "prefix=alice%2F&X-HTTP-Method-Override=DELETE",
+        "prefix=alice%2F&%24fields=items",
+    ],
+)
+def test_query_smuggling(proxy, seeded, relay, tokens, query):
+    reply = call(proxy, "GET", f"/storage/v1/b/adv-bucket/o?{query}", tokens["alice"])
+    assert reply.status == 400
+    assert relay.seen == []
+
+
+def test_token_in_query_string_is_not_a_credential(proxy, seeded, relay, tokens):
+    target = "/storage/v1/b/adv-bucket/o/alice%2Fmine.txt?alt=media&access_token="
+    reply = call(proxy, "GET", target + tokens["alice"])
+    assert reply.status == 401  # authentication comes first; a query string never authenticates
+    assert tokens["alice"] not in reply.body.decode()
+    reply = call(proxy, "GET", target + tokens["mallory"], tokens["alice"])
+    assert reply.status == 400
+    assert relay.seen == []
+
+
+def test_method_override_header(proxy, seeded, relay, tokens):
+    reply = call(
+        proxy,
+        "GET",
+        "/storage/v1/b/adv-bucket/o/alice%2Fmine.txt",
+        tokens["alice"],
+        headers={"X-HTTP-Method-Override": "DELETE"},
+    )
+    assert reply.status == 400
+    assert relay.seen == []
+    untouched(seeded)
+
+
+def test_user_project_is_refused_unless_listed(proxy, seeded, relay, tokens):
+    for headers, target in (
+        ({}, "/storage/v1/b/adv-bucket/o/alice%2Fmine.txt?userProject=someone-elses-billing"),
+        (
+            {"X-Goog-User-Project": "someone-elses-billing"},
+            "/storage/v1/b/adv-bucket/o/alice%2Fmine.txt",
+        ),
+    ):
+        reply = call(proxy, "GET", target, tokens["alice"], headers=headers)
+        assert reply.status == 403
+    assert relay.seen == []
+
+
+# -- surface outside the table ------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("method", "target", "body"),
+    [
+        ("GET", "/storage/v1/b?project=p", None),
+        ("POST", "/storage/v1/b?project=p", b'{"name": "adv-new"}'),
+        ("GET", "/storage/v1/b/adv-bucket", None),
+        ("PATCH", "/storage/v1/b/adv-bucket", b'{"iamConfiguration": {}}'),
+        ("DELETE", "/storage/v1/b/adv-other", None),
+        ("GET", "/storage/v1/b/adv-bucket/iam", None),
+        ("PUT", "/storage/v1/b/adv-bucket/iam", b"{}"),
+        ("GET", "/storage/v1/b/adv-bucket/acl", None),
+        ("POST", "/storage/v1/b/adv-bucket/defaultObjectAcl", b"{}"),
+        ("GET", "/storage/v1/b/adv-bucket/o/alice%2Fmine.txt/acl", None),  # object ACL needs admin
+        ("POST", "/storage/v1/projects/p/hmacKeys?serviceAccountEmail=x", None),
+        ("GET", "/storage/v1/projects/p/hmacKeys", None),
+        ("POST", "/storage/v1/b/adv-bucket/notificationConfigs", b"{}"),
+        ("POST", "/storage/v1/b/adv-bucket/o/watch", b"{}"),
+        ("POST", "/storage/v1/channels/stop", b"{}"),
+        ("PUT", "/adv-bucket/alice/xml-put.txt", b"x"),
+        ("GET", "/adv-bucket", None),
+    ],
+)
+def test_refused_surface(proxy, seeded, relay, tokens, method, target, body):
+    reply = call(
+        proxy,
+        method,
+        target,
+        tokens["alice"],
+        body=body,
+        headers={"Content-Type": "application/json"} if body else None,
+    )
+    assert reply.status in {403, 405}, reply.body
+    assert json.loads(reply.body)["error"]["code"] == reply.status
+    assert relay.seen == []
+    untouched(seeded)
+
+
+def test_batch_smuggling(proxy, seeded, relay, tokens):
+    inner = (
+        b"--batch\r\nContent-Type: application/http\r\n\r\n"
+        b"DELETE /storage/v1/b/adv-bucket/o/bob%2Fsecret.txt HTTP/1.1\r\n\r\n--batch--\r\n"
+    )
+    for target in ("/batch/storage/v1", "/batch"):
+        reply = call(
+            proxy,
+            "POST",
+            target,
+            tokens["alice"],
+            body=inner,
+            headers={"Content-Type": "multipart/mixed; boundary=batch"},
+        )
+        assert reply.status == 403
+    assert relay.seen == []
+    untouched(seeded)
+
+
+# -- uploads ------------------------------------------------------------------------------
+
+
+def _multipart(metadata: dict[str, object], data: bytes) -> tuple[bytes, str]:
+    body = (
+        b"--b0undary\r\nContent-Type: application/json; charset=UTF-8\r\n\r\n"
+        + json.dumps(metadata).encode()
+        + b"\r\n--b0undary\r\nContent-Type: text/plain\r\n\r\n"
+        + data
+        + b"\r\n--b0undary--\r\n"
+    )
+    return body, "multipart/related; boundary=b0undary"
+
+
+@pytest.mark.parametrize(
+    ("query", "metadata"),
+    [
+        ("&name=alice%2Fok.txt", {"name": "bob/secret.txt"}),  # URL and body disagree
+        ("", {"name": "alice/ok.txt", "bucket": "adv-other"}),
+        ("", {"name": "alice/ok.txt", "surprise": 1}),
+        ("", {}),
+    ],
+)
+def test_multipart_metadata_must_agree(proxy, seeded, relay, tokens, query, metadata):
+    body, content_type = _multipart(metadata, b"planted")
+    reply = call(
+        proxy,
+        "POST",
+        f"/upload/storage/v1/b/adv-bucket/o?uploadType=multipart{query}",
+        tokens["alice"],
+        body,
+        {"Content-Type": content_type},
+    )
+    assert reply.status == 400, reply.body
+    assert relay.seen == []
+    untouched(seeded)
+    assert seeded.get_object(BUCKET, "alice/ok.txt") is None
+
+
+def test_multipart_into_someone_elses_prefix(proxy, seeded, relay, tokens):
+    body, content_type = _multipart({"name": "bob/secret.txt"}, b"overwritten")
+    reply = call(
+        proxy,
+        "POST",
+        "/upload/storage/v1/b/adv-bucket/o?uploadType=multipart",
+        tokens["alice"],
+        body,
+        {"Content-Type": content_type},
+    )
+    assert reply.status == 403
+    assert "gs://adv-bucket/bob/secret.txt" in reply.error()
+    assert relay.seen == []
+    untouched(seeded)
+
+
+@pytest.mark.parametrize(
+    "metadata",
+    [
+        {"name": "alice/acl.txt", "acl": [{"entity": "allUsers", "role": "READER"}]},
+        {"name": "alice/acl.txt", "temporaryHold": True},
+        {"name": "alice/acl.txt", "kmsKeyName": "projects/p/locations/l/keyRings/r/cryptoKeys/k"},
+    ],
+)
+def test_privileged_upload_metadata_needs_admin(proxy, seeded, relay, tokens, metadata):
+    body, content_type = _multipart(metadata, b"x")
+    reply = call(
+        proxy,
+        "POST",
+        "/upload/storage/v1/b/adv-bucket/o?uploadType=multipart",
+        tokens["alice"],
+        body,
+        {"Content-Type": content_type},
+    )
+    assert reply.status == 403
+    assert "admin" in reply.error()
+    assert relay.seen == []
+
+
+@pytest.mark.parametrize(
+    ("query", "body", "content_type"),
+    [
+        (
+            "uploadType=multipart&name=alice%2Fpub.txt&predefinedAcl=publicRead",
+            *_multipart({}, b"x"),
+        ),
+        (
+            "uploadType=multipart&predefinedAcl=publicRead",
+            *_multipart({"name": "alice/pub.txt"}, b"x"),
+        ),
+        (
+            "uploadType=resumable&name=alice%2Fpub.txt&predefinedAcl=publicRead",
+            b"{}",
+            "application/json",
+        ),
+        (
+            "uploadType=resumable&predefinedAcl=publicRead",
+            b'{"name": "alice/pub.txt"}',
+            "application/json",
+        ),
+        ("uploadType=media&name=alice%2Fpub.txt&predefinedAcl=publicRead", b"x", "text/plain"),
+        ("uploadType=multipart&name=alice%2Fpub.txt&kmsKeyName=k", *_multipart({}, b"x")),
+    ],
+)
+def test_privileged_upload_parameters_need_admin(
+    proxy, seeded, relay, tokens, query, body, content_type
+):
+    reply = call(
+        proxy,
+        "POST",
+        f"/upload/storage/v1/b/adv-bucket/o?{query}",
+        tokens["alice"],
+        body,
+        {"Content-Type": content_type},
+    )
+    assert reply.status == 403, reply.body
+    assert "admin" in reply.error()
+    assert relay.seen == []
+    assert seeded.get_object(BUCKET, "alice/pub.txt") is None
+
+
+def test_acl_in_patch_body_needs_admin(proxy, seeded, relay, tokens):
+    for body in (
+        b'{"acl": [{"entity": "allUsers", "role": "READER"}]}',
+        b'{"metadata": {"a": "b"}, "retention": {"mode": "Locked"}}',
+    ):
+        reply = call(
+            proxy,
+            "PATCH",
+            "/storage/v1/b/adv-bucket/o/alice%2Fmine.txt",
+            tokens["alice"],
+            body,
+            {"Content-Type": "application/json"},
+        )
+        assert reply.status == 403
+    reply = call(
+        proxy,
+        "PATCH",
+        "/storage/v1/b/adv-bucket/o/alice%2Fmine.txt?predefinedAcl=publicRead",
+        tokens["alice"],
+        b"{}",
+        {"Content-Type": "application/json"},
+    )
+    assert reply.status == 403
+    assert relay.seen == []
+    assert "acl" not in (seeded.get_metadata(BUCKET, "alice/mine.txt") or {}).get("metadata", {})
+
+
+def _start_session(proxy, token: str, name: str) -> str:
+    reply = call(
+        proxy,
+        "POST",
+        f"/upload/storage/v1/b/adv-bucket/o?uploadType=resumable&name={name}",
+        token,
+        b"{}",
+        {"Content-Type": "application/json"},
+    )
+    assert reply.status == 200, reply.body
+    return reply.headers["location"].split(f"127.0.0.1:{proxy.port}", 1)[1]
+
+
+def test_resumable_hijack(proxy, seeded, relay, tokens):
+    session = _start_session(proxy, tokens["alice"], "alice%2Fbig.bin")
+    relay.clear()
+    chunk = {"Content-Range": "bytes 0-4/5", "Content-Type": "application/octet-stream"}
+    assert call(proxy, "PUT", session, tokens["mallory"], b"evil!", chunk).status == 403
+    assert call(proxy, "PUT", session, None, b"evil!", chunk).status == 401
+    assert (
+        call(proxy, "PUT", session, tokens["mallory"], b"", {"Content-Range": "bytes */*"}).status
+        == 403
+    )
+    assert call(proxy, "DELETE", session, tokens["mallory"]).status == 403
+    tampered = session[:-3] + ("AAA" if not session.endswith("AAA") else "BBB")
+    assert call(proxy, "PUT", tampered, tokens["alice"], b"evil!", chunk).status == 404
+    other_bucket = session.replace("/b/adv-bucket/", "/b/adv-other/")
+    assert call(proxy, "PUT", other_bucket, tokens["alice"], b"evil!", chunk).status == 404
+    forged = "/upload/storage/v1/b/adv-bucket/o?uploadType=resumable&upload_id=0123456789abcdef0123456789abcdef"
+    assert call(proxy, "PUT", forged, tokens["alice"], b"evil!", chunk).status == 404
+    assert relay.seen == []
+    # The rightful owner can still finish it.
+    assert call(proxy, "PUT", session, tokens["alice"], b"hello", chunk).status == 200
+    assert seeded.get_object(BUCKET, "alice/big.bin") == b"hello"
+
+
+def test_resumable_into_foreign_prefix(proxy, seeded, relay, tokens):
+    reply = call(
+        proxy,
+        "POST",
+        "/upload/storage/v1/b/adv-bucket/o?uploadType=resumable",
+        tokens["alice"],
+        b'{"name": "bob/secret.txt"}',
+        {"Content-Type": "application/json"},
+    )
+    assert reply.status == 403
+    reply = call(
+        proxy,
+        "POST",
+        "/upload/storage/v1/b/adv-bucket/o?uploadType=resumable&name=alice%2Fx",
+        tokens["alice"],
+        b'{"name": "bob/secret.txt"}',
+        {"Content-Type": "application/json"},
+    )
+    assert reply.status == 400
+    reply = call(
+        proxy,
+        "POST",
+        "/upload/storage/v1/b/adv-bucket/o?uploadType=resumable",
+        tokens["alice"],
+        b"",
+        {"X-Goog-Upload-Protocol": "resumable", "X-Goog-Upload-Command": "start"},
+    )
+    assert reply.status == 400
+    assert relay.seen == []
+
+
+# -- copies -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("target", "body"),
+    [
+        (
+            "/storage/v1/b/adv-bucket/o/bob%2Fsecret.txt/copyTo/b/adv-bucket/o/alice%2Fstolen.txt",
+            None,
+        ),
+        (
+            "/storage/v1/b/adv-bucket/o/bob%2Fsecret.txt/rewriteTo/b/adv-bucket/o/alice%2Fstolen.txt",
+            None,
+        ),
+        (
+            "/storage/v1/b/adv-bucket/o/alice%2Fmine.txt/copyTo/b/adv-bucket/o/bob%2Fsecret.txt",
+            None,
+        ),
+        ("/storage/v1/b/adv-bucket/o/alice%2Fmine.txt/copyTo/b/adv-other/o/anything.txt", None),
+        (
+            "/storage/v1/b/adv-bucket/o/alice%2Fmine.txt/rewriteTo/b/adv-bucket/o/bob%2Fsecret.txt?rewriteToken=abc",
+            None,
+        ),
+        ("/storage/v1/b/adv-bucket/o/bob%2Fsecret.txt/moveTo/o/alice%2Fstolen.txt", None),
+        ("/storage/v1/b/adv-bucket/o/alice%2Fmine.txt/moveTo/o/bob%2Fsecret.txt", None),
+        (
+            "/storage/v1/b/adv-bucket/o/alice%2Fstolen.txt/compose",
+            {"sourceObjects": [{"name": "alice/mine.txt"}, {"name": "bob/secret.txt"}]},
+        ),
+        (
+            "/storage/v1/b/adv-bucket/o/bob%2Fsecret.txt/compose",
+            {"sourceObjects": [{"name": "alice/mine.txt"}]},
+        ),
+    ],
+)
+def test_copies_need_read_on_sources_and_write_on_destination(
+    proxy, seeded, relay, tokens, target, body
+):
+    payload = json.dumps(body).encode() if body is not None else b""
+    reply = call(
+        proxy, "POST", target, tokens["alice"], payload, {"Content-Type": "application/json"}
+    )
+    assert reply.status == 403, reply.body
+    assert relay.seen == []
+    untouched(seeded)
+    assert seeded.get_object(BUCKET, "alice/stolen.txt") is None
+
+
+def test_move_needs_delete_on_the_source(
+    proxy, dev_issuer, fake_gcs, relay, tmp_path, metadata_server
+):
+    # A reader/writer without delete cannot move (which deletes the source).
+    policy = tmp_path / "policy.yaml"
+    policy.write_text(
+        f"version: 1\nissuers: [{{issuer: '{dev_issuer.issuer_url}', audiences: ['{AUD}']}}]\n"
+        f"rules:\n  - {{id: rw, principals: ['user:{ALICE}'], bucket: {BUCKET}, prefixes: ['alice/'], verbs: [read, write]}}\n"
+    )
+    _, metadata_port = metadata_server
+    restricted = ProxyProcess(policy, relay.url, isolated_env(tmp_path, metadata_port))
+    try:
+        restricted.wait_ready()
+        fake_gcs.put_object(BUCKET, "alice/move-me.txt", b"m")
+        relay.clear()
+        token = dev_issuer.mint(audience=AUD, subject="alice", email=ALICE)
+        reply = call(
+            restricted,
+            "POST",
+            "/storage/v1/b/adv-bucket/o/alice%2Fmove-me.txt/moveTo/o/alice%2Fmoved.txt",
+            token,
+            b"",
+        )
+        assert reply.status == 403
+        assert "delete" in reply.error()
+        assert relay.seen == []
+    finally:
+        restricted.stop()
+
+
+# -- transport ----------------------------------------------------------------------------
+
+
+def test_transfer_encoding_with_content_length(proxy, seeded, relay, tokens):
+    smuggled = (
+        "POST /upload/storage/v1/b/adv-bucket/o?uploadType=media&name=alice%2Fsmuggle.txt HTTP/1.1\r\n"
+        f"Host: x\r\nAuthorization: Bearer {tokens['alice']}\r\n"
+        "Content-Length: 4\r\nTransfer-Encoding: chunked\r\n\r\n"
+        "0\r\n\r\nGET /storage/v1/b/adv-bucket/o/bob%2Fsecret.txt?alt=media HTTP/1.1\r\nHost: x\r\n\r\n"
+    ).encode()
+    reply = raw_exchange(proxy, smuggled)
+    # Refused by aiohttp's HTTP parser before any handler runs (hence HTTP/1.0, text/plain).
+    assert reply.split(b" ", 2)[1] == b"400"
+    assert b"bob's secret" not in reply
+    assert relay.seen == []
+    assert seeded.get_object(BUCKET, "alice/smuggle.txt") is None
+
+
+def test_client_aborting_a_media_upload_creates_nothing(proxy, seeded, relay, tokens):
+    head = (
+        "POST /upload/storage/v1/b/adv-bucket/o?uploadType=media&name=alice%2Fhalf.bin HTTP/1.1\r\n"
+        f"Host: x\r\nAuthorization: Bearer {tokens['alice']}\r\nContent-Type: application/octet-stream\r\n"
+        "Content-Length: 1000000\r\n\r\n"
+    ).encode()
+    raw_exchange(proxy, head + b"x" * 400_000, close_after_send=True)
+    time.sleep(0.5)
+    assert seeded.get_object(BUCKET, "alice/half.bin") is None
+    assert "alice/half.bin" not in seeded.list_names(BUCKET, prefix="alice/")
+
+
+def test_caller_headers_that_never_reach_upstream(proxy, seeded, relay, tokens):
+    reply = call(
+        proxy,
+        "GET",
+        "/storage/v1/b/adv-bucket/o/alice%2Fmine.txt?alt=media",
+        tokens["alice"],
+        headers={
+            "Cookie": "session=abc",
+            "X-Forwarded-For": "10.0.0.1",
+            "X-Forwarded-Host": "storage.googleapis.com",
+            "Proxy-Authorization": "Basic eDp5",
+            "X-Goog-Encryption-Algorithm": "AES256",
+        },
+    )
+    assert reply.status in {
+        200,
+        400,
+    }  # fake-gcs-server ignores CSEK headers; real GCS would reject the key
+    (seen,) = relay.seen
+    assert not {"cookie", "x-forwarded-for", "x-forwarded-host", "proxy-authorization"} & set(
+        seen.headers
+    )
+    assert seen.headers["x-goog-encryption-algorithm"] == "AES256"
+    assert tokens["alice"] not in json.dumps(seen.headers)

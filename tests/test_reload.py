@@ -1,0 +1,235 @@
+"""Hot reload, end to end: the sidecar process picks up policy edits (file, directory, secret
+volume `..data` swap, SIGHUP), never runs a broken policy, and swaps issuers only with keys."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import textwrap
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from proxy.devserver.issuer import DevIssuer
+from proxy.policy import load_policy
+from tests.support.fakegcs import FakeGcs
+from tests.support.proxyproc import ProxyProcess, isolated_env
+
+pytestmark = pytest.mark.integration
+
+AUD = "reload-sidecar"
+BUCKET = "reload-data"
+ALICE = "alice@example.com"
+MALLORY = "mallory@example.net"
+OBJECT = "team/plan.txt"
+
+
+def policy_text(issuer: DevIssuer, *, readers: str, audience: str = AUD, extra: str = "") -> str:
+    return textwrap.dedent(
+        f"""\
+        version: 1
+        issuers:
+          - issuer: {issuer.issuer_url}
+            audiences: ["{audience}"]
+        rules:
+          - id: team-read
+            principals: [{readers}]
+            bucket: {BUCKET}
+            prefixes: ["team/"]
+            verbs: [read, list]
+        """
+    ) + textwrap.dedent(extra)
+
+
+@pytest.fixture(scope="module")
+def seeded(fake_gcs: FakeGcs) -> FakeGcs:
+    fake_gcs.create_bucket(BUCKET)
+    fake_gcs.put_object(BUCKET, OBJECT, b"the plan")
+    return fake_gcs
+
+
+@pytest.fixture
+def start(
+    tmp_path: Path, metadata_server, seeded: FakeGcs
+) -> Iterator[Callable[..., ProxyProcess]]:
+    started: list[ProxyProcess] = []
+
+    def run(policy: Path, *args: str) -> ProxyProcess:
+        _, metadata_port = metadata_server
+        process = ProxyProcess(policy, seeded.url, isolated_env(tmp_path, metadata_port), *args)
+        started.append(process)
+        process.wait_ready()
+        return process
+
+    yield run
+    for process in started:
+        assert process.stop() == 0, process.output()
+
+
+def fetch(proxy: ProxyProcess, issuer: DevIssuer, email: str, audience: str = AUD) -> int:
+    token = issuer.mint(audience=audience, subject=email.split("@")[0], email=email)
+    request = urllib.request.Request(
+        f"{proxy.url}/storage/v1/b/{BUCKET}/o/{OBJECT.replace('/', '%2F')}?alt=media",
+        headers={"Authorization": f"Bearer {token}"},
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            assert response.read() == b"the plan"
+            return int(response.status)
+    except urllib.error.HTTPError as exc:
+        exc.close()
+        return exc.code
+
+
+def readyz(proxy: ProxyProcess) -> tuple[int, dict[str, object]]:
+    try:
+        with urllib.request.urlopen(proxy.admin_url + "/readyz", timeout=5) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as exc:
+        with exc:
+            return exc.code, json.loads(exc.read())
+
+
+def eventually(check: Callable[[], bool], timeout: float = 15.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not met in time")
+        time.sleep(0.1)
+
+
+def replace_file(path: Path, text: str) -> None:
+    """Write the way editors and `kubectl cp` do: a new file renamed over the old one."""
+    temporary = path.with_name(path.name + ".tmp")
+    temporary.write_text(text)
+    os.replace(temporary, path)
+
+
+def audit_revisions(proxy: ProxyProcess, email: str) -> list[tuple[str, str]]:
+    found = []
+    for line in proxy.output().splitlines():
+        if line.startswith("{") and '"audit"' in line:
+            audit = json.loads(line)["audit"]
+            if (audit.get("identity") or {}).get("email") == email:
+                found.append((audit["decision"], audit["policy_revision"]))
+    return found
+
+
+def test_valid_edit_is_applied_without_restart(tmp_path, start, dev_issuer):
+    policy = tmp_path / "policy.yaml"
+    policy.write_text(policy_text(dev_issuer, readers='"user:bob@example.com"'))
+    proxy = start(policy)
+    old = load_policy(policy).revision
+    assert fetch(proxy, dev_issuer, ALICE) == 403
+
+    replace_file(policy, policy_text(dev_issuer, readers=f'"user:{ALICE}"'))
+    new = load_policy(policy).revision
+    eventually(lambda: fetch(proxy, dev_issuer, ALICE) == 200)
+
+    assert readyz(proxy) == (200, {"ready": True, "policy_revision": new})
+    # Audit records are written just after each response: wait for the last one.
+    eventually(lambda: audit_revisions(proxy, ALICE)[-1:] == [("allow", new)])
+    assert audit_revisions(proxy, ALICE)[0] == ("deny", old)
+    assert f"revision {old} -> {new}" in proxy.output()
+    assert proxy.process.pid and proxy.process.poll() is None
+
+
+def test_broken_edit_is_ignored_and_the_last_good_policy_stays(tmp_path, start, dev_issuer):
+    policy = tmp_path / "policy.yaml"
+    policy.write_text(policy_text(dev_issuer, readers=f'"user:{ALICE}"'))
+    proxy = start(policy)
+    good = load_policy(policy).revision
+    # Would let everyone in, but one rule has an unknown verb: the whole file is rejected.
+    broken = policy_text(dev_issuer, readers="allAuthenticatedUsers") + (
+        "  - id: typo\n"
+        "    principals: [allAuthenticatedUsers]\n"
+        "    bucket: other-bucket\n"
+        '    prefixes: ["x/"]\n'
+        "    verbs: [raed]\n"
+    )
+    replace_file(policy, broken)
+    eventually(lambda: "policy reload rejected" in proxy.output())
+
+    assert f"{policy}:15: unknown verb 'raed'" in proxy.output()
+    assert f"still enforcing revision {good}" in proxy.output()
+    assert fetch(proxy, dev_issuer, MALLORY) == 403
+    assert fetch(proxy, dev_issuer, ALICE) == 200
+    assert readyz(proxy) == (200, {"ready": True, "policy_revision": good})
+
+    # Fixing the file is picked up as usual.
+    replace_file(policy, policy_text(dev_issuer, readers="allAuthenticatedUsers"))
+    eventually(lambda: fetch(proxy, dev_issuer, MALLORY) == 200)
+    assert readyz(proxy)[1]["policy_revision"] == load_policy(policy).revision
+
+
+@pytest.mark.parametrize("watched", ["policy.yaml", "."], ids=["file", "directory"])
+def test_secret_volume_data_symlink_swap(tmp_path, start, dev_issuer, watched):
+    # The layout Kubernetes and Cloud Run give a mounted secret: the visible file is a symlink
+    # through `..data`, which is atomically re-pointed at a new timestamped directory.
+    mount = tmp_path / "secret"
+    first = mount / "..2026_01_01_00_00_00.1"
+    first.mkdir(parents=True)
+    (first / "policy.yaml").write_text(policy_text(dev_issuer, readers='"user:carol@example.com"'))
+    (mount / "..data").symlink_to(first.name)
+    (mount / "policy.yaml").symlink_to("..data/policy.yaml")
+    proxy = start(mount / watched)  # PROXY_POLICY: the file in the mount, or the mount
+    assert fetch(proxy, dev_issuer, ALICE) == 403
+
+    second = mount / "..2026_01_01_00_05_00.2"
+    second.mkdir()
+    (second / "policy.yaml").write_text(policy_text(dev_issuer, readers=f'"user:{ALICE}"'))
+    # Same size and modification time as the old file: only the swap itself can give it away.
+    old = os.stat(first / "policy.yaml")
+    assert os.stat(second / "policy.yaml").st_size == old.st_size
+    os.utime(second / "policy.yaml", ns=(old.st_atime_ns, old.st_mtime_ns))
+    (mount / "..data_tmp").symlink_to(second.name)
+    os.replace(mount / "..data_tmp", mount / "..data")
+    (first / "policy.yaml").unlink()
+    first.rmdir()
+
+    eventually(lambda: fetch(proxy, dev_issuer, ALICE) == 200)
+    assert readyz(proxy)[1]["policy_revision"] == load_policy(mount).revision
+
+
+def test_sighup_reloads(tmp_path, start, dev_issuer):
+    policy = tmp_path / "policy.yaml"
+    policy.write_text(policy_text(dev_issuer, readers='"user:bob@example.com"'))
+    proxy = start(policy, "--reload-interval", "0")  # no polling: only SIGHUP reloads
+    policy.write_text(policy_text(dev_issuer, readers=f'"user:{ALICE}"'))
+    time.sleep(1.5)
+    assert fetch(proxy, dev_issuer, ALICE) == 403
+
+    proxy.process.send_signal(signal.SIGHUP)
+    eventually(lambda: fetch(proxy, dev_issuer, ALICE) == 200)
+    assert "policy reloaded (SIGHUP)" in proxy.output()
+    assert proxy.process.poll() is None
+
+
+def test_changed_issuers_are_trusted_only_once_their_keys_are_fetched(tmp_path, start, dev_issuer):
+    policy = tmp_path / "policy.yaml"
+    policy.write_text(policy_text(dev_issuer, readers=f'"user:{ALICE}"', audience="aud-1"))
+    proxy = start(policy)
+    assert fetch(proxy, dev_issuer, ALICE, audience="aud-1") == 200
+    assert fetch(proxy, dev_issuer, ALICE, audience="aud-2") == 401
+
+    # A new issuer whose keys cannot be fetched: the reload is refused and nothing changes.
+    unreachable = policy_text(dev_issuer, readers=f'"user:{ALICE}"', audience="aud-2").replace(
+        "issuers:\n",
+        "issuers:\n  - issuer: http://127.0.0.1:9\n    audiences: [elsewhere]\n",
+    )
+    replace_file(policy, unreachable)
+    eventually(lambda: "policy reload rejected" in proxy.output())
+    assert "keys of issuer http://127.0.0.1:9 could not be fetched" in proxy.output()
+    assert fetch(proxy, dev_issuer, ALICE, audience="aud-1") == 200
+    assert fetch(proxy, dev_issuer, ALICE, audience="aud-2") == 401
+    assert readyz(proxy)[0] == 200
+
+    replace_file(policy, policy_text(dev_issuer, readers=f'"user:{ALICE}"', audience="aud-2"))
+    eventually(lambda: fetch(proxy, dev_issuer, ALICE, audience="aud-2") == 200)
+    assert fetch(proxy, dev_issuer, ALICE, audience="aud-1") == 401
+    assert readyz(proxy) == (200, {"ready": True, "policy_revision": load_policy(policy).revision})

@@ -1,0 +1,144 @@
+"""Resumable-upload session handles: sealed, bound, expiring, and shared across processes."""
+
+from __future__ import annotations
+
+import http.client
+import textwrap
+import time
+
+import pytest
+
+from proxy.gcs.sessions import (
+    SESSION_KEY_ENV,
+    InvalidSession,
+    SessionSealer,
+    UploadSession,
+    encode_key,
+    session_key,
+)
+from tests.support.proxyproc import ProxyProcess, isolated_env
+
+KEY = bytes(range(32))
+
+
+def test_round_trip_and_opacity():
+    sealer = SessionSealer(KEY)
+    handle = sealer.new("https://issuer", "sub-1", "bkt", "dir/obj", "REAL-UPLOAD-ID-123")
+    session = sealer.open(handle)
+    assert (session.subject, session.bucket, session.object, session.upload_id) == (
+        "sub-1",
+        "bkt",
+        "dir/obj",
+        "REAL-UPLOAD-ID-123",
+    )
+    assert "REAL-UPLOAD-ID" not in handle
+    assert "dir/obj" not in handle
+    assert handle != sealer.new("https://issuer", "sub-1", "bkt", "dir/obj", "REAL-UPLOAD-ID-123")
+
+
+@pytest.mark.parametrize(
+    "mutate",
+    [
+        lambda h: h[:-2] + ("AA" if h[-2:] != "AA" else "BB"),
+        lambda h: h[5:],
+        lambda h: "",
+        lambda h: "x" * 5000,
+        lambda h: h + "%%",
+    ],
+)
+def test_tampered_handles(mutate):
+    sealer = SessionSealer(KEY)
+    handle = sealer.new("i", "s", "b", "o", "u")
+    with pytest.raises(InvalidSession):
+        sealer.open(mutate(handle))
+
+
+def test_other_key_and_expiry():
+    handle = SessionSealer(KEY).new("i", "s", "b", "o", "u")
+    with pytest.raises(InvalidSession):
+        SessionSealer(bytes(32)).open(handle)
+    expired = SessionSealer(KEY).seal(UploadSession("i", "s", "b", "o", "u", int(time.time()) - 1))
+    with pytest.raises(InvalidSession, match="expired"):
+        SessionSealer(KEY).open(expired)
+
+
+def test_session_key_from_environment():
+    assert session_key({SESSION_KEY_ENV: encode_key(KEY)}) == KEY
+    assert len(session_key({})) == 32
+    for bad in ("not base64!!", encode_key(b"short")):
+        with pytest.raises(ValueError):
+            session_key({SESSION_KEY_ENV: bad})
+
+
+@pytest.mark.integration
+def test_handles_work_across_processes_sharing_the_key(
+    tmp_path, dev_issuer, metadata_server, fake_gcs, relay
+):
+    fake_gcs.create_bucket("sessions-bucket")
+    policy = tmp_path / "policy.yaml"
+    policy.write_text(
+        textwrap.dedent(
+            f"""\
+            version: 1
+            issuers: [{{issuer: "{dev_issuer.issuer_url}", audiences: [sessions]}}]
+            rules:
+              - {{id: w, principals: ["user:w@example.com"], bucket: sessions-bucket, prefixes: [up/], verbs: [write, delete]}}
+            """
+        )
+    )
+    _, metadata_port = metadata_server
+    shared = {SESSION_KEY_ENV: encode_key(KEY)}
+    first = ProxyProcess(policy, relay.url, isolated_env(tmp_path, metadata_port, **shared))
+    second = ProxyProcess(policy, relay.url, isolated_env(tmp_path, metadata_port, **shared))
+    stranger = ProxyProcess(policy, relay.url, isolated_env(tmp_path, metadata_port))
+    try:
+        for process in (first, second, stranger):
+            process.wait_ready()
+        token = dev_issuer.mint(audience="sessions", subject="w", email="w@example.com")
+        location = _start(first, token)
+        assert _put(stranger, location, token, b"abc").status == 404
+        assert _put(second, location, token, b"abc").status == 200
+        assert fake_gcs.get_object("sessions-bucket", "up/file.bin") == b"abc"
+    finally:
+        for process in (first, second, stranger):
+            process.stop()
+
+
+@pytest.mark.integration
+def test_invalid_session_key_is_a_usage_error(tmp_path, metadata_server, relay):
+    policy = tmp_path / "policy.yaml"
+    policy.write_text("version: 1\nissuers: [{issuer: 'http://127.0.0.1:1', audiences: [a]}]\n")
+    process = ProxyProcess(
+        policy, relay.url, isolated_env(tmp_path, 1, **{SESSION_KEY_ENV: "short"})
+    )
+    assert process.process.wait(timeout=20) == 2
+    assert SESSION_KEY_ENV in process.output()
+    process.stop()
+
+
+def _start(process: ProxyProcess, token: str) -> str:
+    connection = http.client.HTTPConnection("127.0.0.1", process.port, timeout=30)
+    connection.request(
+        "POST",
+        "/upload/storage/v1/b/sessions-bucket/o?uploadType=resumable&name=up%2Ffile.bin",
+        body=b"{}",
+        headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"},
+    )
+    response = connection.getresponse()
+    response.read()
+    connection.close()
+    assert response.status == 200
+    return response.getheader("Location").split(f"127.0.0.1:{process.port}", 1)[1]
+
+
+def _put(process: ProxyProcess, location: str, token: str, data: bytes) -> http.client.HTTPResponse:
+    connection = http.client.HTTPConnection("127.0.0.1", process.port, timeout=30)
+    headers = {
+        "Authorization": f"Bearer {token}",
+        "Content-Range": f"bytes 0-{len(data) - 1}/{len(data)}",
+    }
+    connection.request("PUT", location, body=data, headers=headers)
+    response = connection.getresponse()
+    response.read()
+    connection.close()
+    return response
