@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test lint format install lock clean
+.PHONY: run test lint format install lock clean bench
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -28,6 +28,24 @@ format: $(STAMP)
 
 test: lint
 	$(BIN)/python -m pytest
+
+# The side-by-side benchmark (tests/bench.py; not part of `make test` or CI): the sidecar
+# against nginx and against no proxy at all. Needs wrk, nginx and curl: installed from
+# Debian when missing and apt-get is usable, else it stops and says what to install.
+BENCH_TOOLS := wrk nginx curl
+bench: $(STAMP)
+	@missing=""; for t in $(BENCH_TOOLS); do command -v $$t >/dev/null || missing="$$missing $$t"; done; \
+	if [ -n "$$missing" ]; then \
+		if command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
+			echo "bench: installing wrk nginx-light curl from Debian"; \
+			DEBIAN_FRONTEND=noninteractive apt-get update -qq && \
+			DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends wrk nginx-light curl >/dev/null \
+			|| { echo "bench: apt-get install wrk nginx-light curl failed"; exit 1; }; \
+		else \
+			echo "bench: missing$$missing; install them (Debian: apt-get install wrk nginx-light curl)"; exit 1; \
+		fi; \
+	fi
+	$(BIN)/python tests/bench.py $(BENCH_FLAGS)
 
 # requirements.lock: the image's runtime dependencies (pyproject's [project] dependencies
 # only), pinned with hashes for every platform's files. Run after changing those

@@ -75,6 +75,26 @@ class Metrics:
 
 
 NULL_METRICS = Metrics()
+Key = tuple[tuple[str, str | int | bool], ...]
+
+
+class _Tally:
+    """A monotonic sum per attribute set, kept in process and reported by an observable
+    counter at export time: a dict update per request instead of an SDK measurement (each
+    of which takes a lock, hashes its attributes and offers an exemplar: ~20 us here).
+    The exported points are the same cumulative monotonic sums a Counter would give."""
+
+    def __init__(self) -> None:
+        self._sums: dict[Key, int] = {}
+
+    def add(self, amount: int, key: Key) -> None:
+        self._sums[key] = self._sums.get(key, 0) + amount
+
+    def observe(self, _: CallbackOptions) -> Iterable[Observation]:
+        from opentelemetry.metrics import Observation
+
+        sums = self._sums.copy()  # one C-level copy: safe against the event loop's updates
+        return [Observation(value, dict(key)) for key, value in sums.items()]
 
 
 class OtlpMetrics(Metrics):
@@ -82,8 +102,12 @@ class OtlpMetrics(Metrics):
 
     def __init__(self, meter: Meter, watched: Watched) -> None:
         self._watched = watched
-        self._requests = meter.create_counter(
-            f"{PREFIX}.requests", unit="{request}", description="Requests by route and status"
+        self._requests, self._decisions, self._bytes = _Tally(), _Tally(), _Tally()
+        meter.create_observable_counter(
+            f"{PREFIX}.requests",
+            [self._requests.observe],
+            unit="{request}",
+            description="Requests by route and status",
         )
         self._duration = meter.create_histogram(
             "http.server.request.duration",
@@ -91,11 +115,17 @@ class OtlpMetrics(Metrics):
             description="Time from request to the last byte of the response",
             explicit_bucket_boundaries_advisory=LATENCY_BUCKETS,
         )
-        self._decisions = meter.create_counter(
-            f"{PREFIX}.decisions", unit="{decision}", description="Policy decisions by outcome"
+        meter.create_observable_counter(
+            f"{PREFIX}.decisions",
+            [self._decisions.observe],
+            unit="{decision}",
+            description="Policy decisions by outcome",
         )
-        self._bytes = meter.create_counter(
-            f"{PREFIX}.bytes", unit="By", description="Body bytes received from and sent to callers"
+        meter.create_observable_counter(
+            f"{PREFIX}.bytes",
+            [self._bytes.observe],
+            unit="By",
+            description="Body bytes received from and sent to callers",
         )
         self._upstream_duration = meter.create_histogram(
             "http.client.request.duration",
@@ -130,21 +160,21 @@ class OtlpMetrics(Metrics):
             attributes["http.route"] = facts.route
         if facts.operation:
             attributes["gcs.operation"] = facts.operation
-        self._requests.add(1, attributes)
+        self._requests.add(1, tuple(attributes.items()))
         self._duration.record(facts.seconds, attributes)
-        route = {"http.route": facts.route} if facts.route else {}
+        route: Key = (("http.route", facts.route),) if facts.route else ()
         if facts.bytes_in:
-            self._bytes.add(facts.bytes_in, {"network.io.direction": "receive", **route})
+            self._bytes.add(facts.bytes_in, (("network.io.direction", "receive"), *route))
         if facts.bytes_out:
-            self._bytes.add(facts.bytes_out, {"network.io.direction": "transmit", **route})
+            self._bytes.add(facts.bytes_out, (("network.io.direction", "transmit"), *route))
         if facts.decision is not None:
             self._decisions.add(
                 1,
-                {
-                    "authz.decision": facts.decision,
-                    "authz.verb": facts.verb or "",
-                    "authz.enforced": facts.enforced,
-                },
+                (
+                    ("authz.decision", facts.decision),
+                    ("authz.verb", facts.verb or ""),
+                    ("authz.enforced", facts.enforced),
+                ),
             )
 
     def upstream(
