@@ -43,6 +43,9 @@ async def render_errors(request: web.Request, handler: Handler) -> web.StreamRes
     try:
         return await handler(request)
     except ProxyError as error:
+        record: audit.AuditRecord | None = request.get(RECORD)
+        if record is not None and record.reason is None and error.status == 403:
+            record.reason = error.message  # refusals before a policy decision say why, too
         return error_response(error)
     except web.HTTPException as exc:  # aiohttp's own 4xx (e.g. body too large)
         return error_response(_from_http_exception(exc))

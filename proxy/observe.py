@@ -84,7 +84,8 @@ async def trace_and_audit(request: web.Request, handler: Handler) -> web.StreamR
             record.request_bytes = request.content.total_bytes
             _finish_span(span, record)
             _count(components, record)
-            if record.decision is not None or record.status == 401:
+            # Every decision, and every refusal of who the caller is or what it may touch.
+            if record.decision is not None or record.status in (401, 403):
                 record.policy_revision = record.policy_revision or components.policy.revision
                 audit.write(record, components.project or components.telemetry.project)
 

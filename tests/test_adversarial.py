@@ -534,6 +534,17 @@ def test_resumable_hijack(proxy, seeded, relay, tokens):
     forged = "/upload/storage/v1/b/adv-bucket/o?uploadType=resumable&upload_id=0123456789abcdef0123456789abcdef"
     assert call(proxy, "PUT", forged, tokens["alice"], b"evil!", chunk).status == 404
     assert relay.seen == []
+    deadline = time.monotonic() + 5  # audit records are written just after each response
+    while "belongs to another identity" not in proxy.output() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    hijacks = [
+        json.loads(line)
+        for line in proxy.output().splitlines()
+        if line.startswith("{") and "belongs to another identity" in line
+    ]
+    assert hijacks and hijacks[0]["audit"]["identity"]["email"] == MALLORY
+    assert hijacks[0]["httpRequest"]["status"] == 403
+    assert hijacks[0]["audit"]["decision"] == "deny"
     # The rightful owner can still finish it.
     assert call(proxy, "PUT", session, tokens["alice"], b"hello", chunk).status == 200
     assert seeded.get_object(BUCKET, "alice/big.bin") == b"hello"
