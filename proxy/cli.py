@@ -62,9 +62,14 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _serve(args: argparse.Namespace) -> int:
+    settings = resolve(args)
+    from proxy.supervise import is_worker, supervise
+
+    if settings.workers > 1 and not is_worker():
+        return supervise(settings)  # before importing the server: the parent stays small
     from proxy.serve import serve
 
-    return serve(resolve(args))
+    return serve(settings)
 
 
 def _dev(args: argparse.Namespace) -> int:

@@ -6,10 +6,8 @@ import asyncio
 import logging
 import os
 import signal
-import socket
-import subprocess
 import sys
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
 
 import aiohttp
@@ -19,13 +17,14 @@ from proxy import audit
 from proxy.app import Components, admin_app, data_app, upstream_session
 from proxy.credentials import AdcTokenSource, TokenSource
 from proxy.forward import Forwarder
-from proxy.gcs.sessions import SESSION_KEY_ENV, encode_key, session_key
+from proxy.gcs.sessions import session_key
 from proxy.identity import JwtVerifier
 from proxy.limits import Limits, server_options
 from proxy.policy import Policy, compile_policy, load_policy
 from proxy.reload import PolicyReloader
 from proxy.retry import RetryPolicy
-from proxy.settings import Address, Settings
+from proxy.settings import Settings
+from proxy.supervise import is_worker, supervise
 from proxy.telemetry import Telemetry
 
 log = logging.getLogger(__name__)
@@ -169,8 +168,8 @@ def serve(settings: Settings, transform: PolicyTransform | None = None) -> int:
             return 1
         if transform is not None:
             policy = transform(policy)
-        if settings.workers > 1 and os.environ.get("PROXY_WORKER") is None:
-            return _supervise(settings)
+        if settings.workers > 1 and not is_worker():
+            return supervise(settings)
         _use_uvloop()
         asyncio.run(
             serve_until_stopped(
@@ -180,67 +179,3 @@ def serve(settings: Settings, transform: PolicyTransform | None = None) -> int:
         return 0
     finally:
         audit.stop_logging()
-
-
-def _supervise(settings: Settings) -> int:
-    """Run N worker processes sharing the listeners through SO_REUSEPORT."""
-    if not hasattr(socket, "SO_REUSEPORT"):
-        print("--workers > 1 needs SO_REUSEPORT", file=sys.stderr)
-        return 2
-    env = dict(os.environ, PROXY_WORKER="1")
-    # One upload-session key for the process tree: a handle minted by one worker opens in all.
-    env.setdefault(SESSION_KEY_ENV, encode_key(session_key()))
-    command = [sys.executable, "-m", "proxy", "serve", *_flags(settings)]
-    workers = [subprocess.Popen(command, env=env) for _ in range(settings.workers)]  # noqa: S603
-
-    def forward(signum: int, _: object) -> None:
-        for worker in workers:
-            worker.send_signal(signum)
-
-    signal.signal(signal.SIGTERM, forward)
-    signal.signal(signal.SIGINT, forward)
-    signal.signal(signal.SIGHUP, forward)  # each worker reloads its own policy
-    codes = [worker.wait() for worker in workers]
-    return max(codes, default=0)
-
-
-def _flags(settings: Settings) -> Sequence[str]:
-    def address(a: Address) -> str:
-        return str(a)
-
-    return [
-        "--listen",
-        address(settings.listen),
-        "--admin-listen",
-        address(settings.admin_listen),
-        "--policy",
-        str(settings.policy),
-        "--upstream",
-        settings.upstream,
-        "--workers",
-        str(settings.workers),
-        "--log-format",
-        settings.log_format,
-        "--connect-timeout",
-        str(settings.connect_timeout),
-        "--read-timeout",
-        str(settings.read_timeout),
-        "--reload-interval",
-        str(settings.reload_interval),
-        "--shutdown-grace",
-        str(settings.shutdown_grace),
-        "--max-concurrent",
-        str(settings.max_concurrent),
-        "--max-header-bytes",
-        str(settings.max_header_bytes),
-        "--max-metadata-bytes",
-        str(settings.max_metadata_bytes),
-        "--header-timeout",
-        str(settings.header_timeout),
-        "--body-timeout",
-        str(settings.body_timeout),
-        "--retry-attempts",
-        str(settings.retry_attempts),
-        "--retry-backoff",
-        str(settings.retry_backoff),
-    ]
