@@ -97,7 +97,7 @@ def seed(storage: FakeGcsProcess) -> None:
     for bucket in sorted({b for b, _ in DEMO_OBJECTS}):
         storage.create_bucket(bucket)
     for (bucket, name), data in DEMO_OBJECTS.items():
-        storage.put_object(bucket, name, data)
+        storage.put_object(bucket, name, data, "text/plain")
 
 
 async def _run(policy: Policy, policy_path: Path, ports: Ports, storage: FakeGcsProcess) -> None:
