@@ -162,7 +162,8 @@ class Forwarder:
         headers = response_headers(upstream.headers)
         headers.pop("Content-Type", None)
         headers.pop("Content-Encoding", None)
-        headers.pop("ETag", None) if operation.kind is Kind.LIST else None
+        if operation.kind is Kind.LIST:
+            headers.pop("ETag", None)  # the filtered list is not the document upstream tagged
         return web.Response(
             status=upstream.status,
             body=payload,
