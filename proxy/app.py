@@ -229,8 +229,14 @@ def upstream_session(connect_timeout: float, read_timeout: float) -> aiohttp.Cli
     timeout = aiohttp.ClientTimeout(
         total=None, sock_connect=connect_timeout, sock_read=read_timeout
     )
+    # No cookie jar: one session serves every caller, so a Set-Cookie from Cloud Storage
+    # must never ride along on another caller's request (and the jar costs time per call).
     session = aiohttp.ClientSession(
-        connector=connector, timeout=timeout, auto_decompress=False, trust_env=False
+        connector=connector,
+        timeout=timeout,
+        auto_decompress=False,
+        trust_env=False,
+        cookie_jar=aiohttp.DummyCookieJar(),
     )
     # Whether a request may be sent again is proxy.retry's call (Cloud Storage's idempotency
     # rules): aiohttp's own resend of any DELETE/PUT after a reset would overrule it.

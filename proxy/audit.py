@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import logging.handlers
 import queue
 import sys
+import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TextIO
 
 AUDIT_LOGGER = "gcs_iap_proxy.audit"
+FLUSH_DELAY = 0.01  # seconds an audit line may wait for others to leave in the same write
 _SEVERITY = {
     "DEBUG": "DEBUG",
     "INFO": "INFO",
@@ -105,6 +109,19 @@ class AuditRecord:
         return f"{decision} {what} for {who}" + (f" (rule {self.rule_id})" if self.rule_id else "")
 
 
+def json_line(entry: dict[str, Any]) -> str:
+    return json.dumps(entry, separators=(",", ":"), default=str)
+
+
+def text_line(entry: dict[str, Any]) -> str:
+    audit = entry["audit"]
+    http = entry["httpRequest"]
+    return (
+        f"audit   {http['status']} {entry['message']} [{audit['reason']}] "
+        f"rev={audit['policy_revision']} {http['latency']}"
+    )
+
+
 class JsonFormatter(logging.Formatter):
     """A log record as one Cloud Logging structured JSON line."""
 
@@ -118,7 +135,7 @@ class JsonFormatter(logging.Formatter):
             }
             if record.exc_info:
                 entry["message"] += "\n" + self.formatException(record.exc_info)
-        return json.dumps(entry, separators=(",", ":"), default=str)
+        return json_line(entry)
 
 
 class TextFormatter(logging.Formatter):
@@ -126,31 +143,74 @@ class TextFormatter(logging.Formatter):
         entry = getattr(record, "entry", None)
         if entry is None:
             return f"{record.levelname.lower():7} {record.getMessage()}"
-        audit = entry["audit"]
-        http = entry["httpRequest"]
-        return (
-            f"audit   {http['status']} {entry['message']} [{audit['reason']}] "
-            f"rev={audit['policy_revision']} {http['latency']}"
-        )
+        return text_line(entry)
+
+
+class AuditWriter:
+    """Audit lines to a stream: formatted on the event loop, written by one thread.
+
+    Every line decided in one turn of the loop leaves in one batch, so a busy proxy hands
+    the thread one write per turn rather than one per request (a hand-off through the
+    logging machinery cost ~0.25 ms of CPU per request). The loop never blocks on a slow
+    reader of stdout (a pipe to a log agent): the thread does. Lines keep their order;
+    `close` writes everything still pending before it returns.
+    """
+
+    def __init__(self, stream: TextIO, format_line: Callable[[dict[str, Any]], str]) -> None:
+        self._stream = stream
+        self._format = format_line
+        self._pending: list[str] = []
+        self._batches: queue.SimpleQueue[str | None] = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._run, name="audit-writer", daemon=True)
+        self._thread.start()
+
+    def write(self, entry: dict[str, Any]) -> None:
+        line = self._format(entry) + "\n"
+        if self._pending:
+            self._pending.append(line)
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # not on a loop (a test, the CLI): no turn to batch in
+            self._batches.put(line)
+            return
+        self._pending.append(line)
+        loop.call_later(FLUSH_DELAY, self._flush)
+
+    def _flush(self) -> None:
+        if self._pending:
+            self._batches.put("".join(self._pending))
+            self._pending.clear()
+
+    def _run(self) -> None:
+        while (batch := self._batches.get()) is not None:
+            try:
+                self._stream.write(batch)
+                self._stream.flush()
+            except (OSError, ValueError) as exc:  # stdout gone: say so where it may be seen
+                print(f"gcs-iap-proxy: audit records could not be written: {exc}", file=sys.stderr)
+
+    def close(self) -> None:
+        self._flush()
+        self._batches.put(None)
+        self._thread.join(timeout=10)
 
 
 _listener: logging.handlers.QueueListener | None = None
+_writer: AuditWriter | None = None
 
 
 def configure_logging(log_format: str) -> None:
-    """Audit records to stdout, process logs to stderr; written by a thread, never the event loop."""
-    global _listener
-    if _listener is not None:
-        _listener.stop()
+    """Audit records to stdout (see AuditWriter), process logs to stderr; both written by
+    threads, never by the event loop."""
+    global _listener, _writer
+    stop_logging()
     formatter: logging.Formatter = JsonFormatter() if log_format == "json" else TextFormatter()
-    stdout = logging.StreamHandler(sys.stdout)
-    stdout.setFormatter(formatter)
-    stdout.addFilter(lambda r: r.name == AUDIT_LOGGER)
+    _writer = AuditWriter(sys.stdout, json_line if log_format == "json" else text_line)
     stderr = logging.StreamHandler(sys.stderr)
     stderr.setFormatter(formatter)
-    stderr.addFilter(lambda r: r.name != AUDIT_LOGGER)
     records: queue.SimpleQueue[logging.LogRecord] = queue.SimpleQueue()
-    _listener = logging.handlers.QueueListener(records, stdout, stderr, respect_handler_level=True)
+    _listener = logging.handlers.QueueListener(records, stderr, respect_handler_level=True)
     root = logging.getLogger()
     root.handlers = [logging.handlers.QueueHandler(records)]
     root.setLevel(logging.INFO)
@@ -159,11 +219,18 @@ def configure_logging(log_format: str) -> None:
 
 
 def stop_logging() -> None:
-    global _listener
+    global _listener, _writer
+    if _writer is not None:
+        _writer.close()
+        _writer = None
     if _listener is not None:
         _listener.stop()
         _listener = None
 
 
 def write(record: AuditRecord, project: str | None) -> None:
-    logging.getLogger(AUDIT_LOGGER).info("audit", extra={"entry": record.entry(project)})
+    entry = record.entry(project)
+    if _writer is not None:
+        _writer.write(entry)
+    else:  # logging never configured (a library user): the audit logger still gets it
+        logging.getLogger(AUDIT_LOGGER).info("audit", extra={"entry": entry})
