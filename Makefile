@@ -32,7 +32,10 @@ test: lint
 # The side-by-side benchmark (tests/bench.py; not part of `make test` or CI): the sidecar
 # against nginx and against no proxy at all. Needs wrk, nginx and curl: installed from
 # Debian when missing and apt-get is usable, else it stops and says what to install.
+# The sidecar runs from $(RUNTIME): requirements.lock and the project, as the image installs
+# them (the dev venv's extra packages would change its memory figures).
 BENCH_TOOLS := wrk nginx curl
+RUNTIME := .venv-runtime
 bench: $(STAMP)
 	@missing=""; for t in $(BENCH_TOOLS); do command -v $$t >/dev/null || missing="$$missing $$t"; done; \
 	if [ -n "$$missing" ]; then \
@@ -45,7 +48,10 @@ bench: $(STAMP)
 			echo "bench: missing$$missing; install them (Debian: apt-get install wrk nginx-light curl)"; exit 1; \
 		fi; \
 	fi
-	$(BIN)/python tests/bench.py $(BENCH_FLAGS)
+	$(PYTHON) -m venv $(RUNTIME)
+	$(RUNTIME)/bin/python -m pip install --quiet --require-hashes -r requirements.lock
+	$(RUNTIME)/bin/python -m pip install --quiet --no-deps --force-reinstall .
+	$(BIN)/python tests/bench.py --python $(RUNTIME)/bin/python $(BENCH_FLAGS)
 
 # requirements.lock: the image's runtime dependencies (pyproject's [project] dependencies
 # only), pinned with hashes for every platform's files. Run after changing those
@@ -58,4 +64,4 @@ lock: $(STAMP)
 		--no-emit-find-links --output-file requirements.lock pyproject.toml
 
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) .venv-runtime .pytest_cache .mypy_cache .ruff_cache

@@ -22,7 +22,7 @@ from proxy.errors import (
     error_response,
 )
 from proxy.forward import Outcome, ResponsePlan
-from proxy.gcs.bodies import read_body
+from proxy.gcs.bodies import Body, read_body
 from proxy.gcs.operation import WRITES, Kind, Operation
 from proxy.gcs.parse import parse_request
 from proxy.gcs.sessions import InvalidSession, SessionSealer, UploadSession
@@ -83,8 +83,7 @@ async def handle(request: web.Request) -> web.StreamResponse:
     session = _open_session(components.sessions, operation, identity)
     if session is not None:
         operation = _in_session(operation, session)
-    async with body_deadline(request.app[LIMITS].body_timeout):
-        operation, body = await read_body(operation, request.headers, request.content)
+    operation, body = await _read_body(request, operation)
     _describe(record, operation)
     with authorizing(tracer, record):
         operation = authorize(policy, identity, operation, record)
@@ -93,6 +92,13 @@ async def handle(request: web.Request) -> web.StreamResponse:
     outcome = Outcome()
     with calling_upstream(components, operation, outcome, record):
         return await components.forwarder.forward(request, operation, body, token, plan, outcome)
+
+
+async def _read_body(request: web.Request, operation: Operation) -> tuple[Operation, Body]:
+    if not request.body_exists:  # nothing can arrive late: no deadline to keep
+        return await read_body(operation, request.headers, request.content)
+    async with body_deadline(request.app[LIMITS].body_timeout):
+        return await read_body(operation, request.headers, request.content)
 
 
 def _identity_fields(identity: Identity) -> dict[str, str]:
@@ -237,6 +243,9 @@ def upstream_session(connect_timeout: float, read_timeout: float) -> aiohttp.Cli
         auto_decompress=False,
         trust_env=False,
         cookie_jar=aiohttp.DummyCookieJar(),
+        # Only what the caller sent: an Accept-Encoding of aiohttp's own would turn Cloud
+        # Storage's decompressive transcoding off for a caller that never asked for gzip.
+        skip_auto_headers=("Accept", "Accept-Encoding", "User-Agent"),
     )
     # Whether a request may be sent again is proxy.retry's call (Cloud Storage's idempotency
     # rules): aiohttp's own resend of any DELETE/PUT after a reset would overrule it.

@@ -6,6 +6,8 @@ import asyncio
 import contextlib
 import datetime as dt
 import logging
+import math
+import time
 from typing import Any, Protocol
 
 from proxy.errors import Unavailable
@@ -17,6 +19,7 @@ REFRESH_MARGIN = dt.timedelta(minutes=5)
 _MIN_SLEEP, _MAX_BACKOFF = 1.0, 60.0
 # google-auth retries an unreachable metadata server for ~15 s; a request waits this long at most.
 TOKEN_WAIT = 2.0
+USABLE_MARGIN = 10.0  # seconds before expiry a token is no longer handed out
 
 
 class TokenSource(Protocol):
@@ -67,6 +70,7 @@ class AdcTokenSource:
         self._credentials: Any = None
         self._token: str | None = None
         self._expiry: dt.datetime | None = None
+        self._usable_until = 0.0  # epoch seconds: 10 s before expiry (no expiry: forever)
         self._refreshing: asyncio.Task[None] | None = None
         self.last_error: str | None = None
         self.refreshes = 0
@@ -76,9 +80,8 @@ class AdcTokenSource:
         return self._valid()
 
     def _valid(self) -> bool:
-        if self._token is None:
-            return False
-        return self._expiry is None or _utcnow() < self._expiry - dt.timedelta(seconds=10)
+        # Checked on every request: a float compare, not datetime arithmetic.
+        return self._token is not None and time.time() < self._usable_until
 
     async def token(self) -> str:
         if not self._valid():
@@ -113,6 +116,11 @@ class AdcTokenSource:
             return
         self._token = self._credentials.token
         self._expiry = self._credentials.expiry
+        self._usable_until = (
+            math.inf
+            if self._expiry is None
+            else self._expiry.replace(tzinfo=dt.UTC).timestamp() - USABLE_MARGIN
+        )
         self.last_error = None
         self.refreshes += 1
 

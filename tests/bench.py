@@ -1,6 +1,6 @@
 """Benchmark: the sidecar side by side with nginx and with no proxy at all. A program, not a test.
 
-    python tests/bench.py [--seconds 5] [--rounds 3] [--json PATH]      (or: make bench)
+    python tests/bench.py [--seconds 5] [--rounds 3] [--json PATH] [--python PY]   (or: make bench)
 
 Starts fake-gcs-server (the upstream), nginx in front of it (the reference proxy: keep-alive
 upstream, no buffering either way), the dev issuer and metadata server, an OTLP receiver in
@@ -184,7 +184,9 @@ class Bench:
         return self.issuer.mint(audience=AUD, subject=email, email=email, lifetime=3 * 3600)
 
     def start_sidecar(self, env: dict[str, str], workers: int) -> ProxyProcess:
-        proxy = ProxyProcess(self.policy, self.gcs.url, env, "--workers", str(workers))
+        proxy = ProxyProcess(
+            self.policy, self.gcs.url, env, "--workers", str(workers), python=self.args.python
+        )
         self._cleanups.append(proxy.stop)
         proxy.wait_ready()
         return proxy
@@ -318,7 +320,7 @@ def large_streams(bench: Bench) -> dict[str, Any]:
 
 def ready_after(bench: Bench, env: dict[str, str]) -> float:
     started = time.perf_counter()
-    proxy = ProxyProcess(bench.policy, bench.gcs.url, env)
+    proxy = ProxyProcess(bench.policy, bench.gcs.url, env, python=bench.args.python)
     try:
         while proxy.process.poll() is None and time.perf_counter() - started < 30:
             try:
@@ -486,6 +488,11 @@ def main() -> int:
         "--workers", type=int, default=os.cpu_count() or 1, help="nginx's and the sized sidecar's"
     )
     parser.add_argument("--json", type=Path, help="also write the JSON object here")
+    parser.add_argument(
+        "--python",
+        default=sys.executable,
+        help="the interpreter that runs the sidecar (make bench: the image's locked install)",
+    )
     args = parser.parse_args()
     missing = loadgen.have_tools("wrk", "nginx", "curl")
     if missing:
@@ -495,7 +502,11 @@ def main() -> int:
             file=sys.stderr,
         )
         return 2
-    results: dict[str, Any] = {"machine": machine(), "workers": args.workers}
+    results: dict[str, Any] = {
+        "machine": machine(),
+        "workers": args.workers,
+        "sidecar_python": args.python,
+    }
     with tempfile.TemporaryDirectory(prefix="gcs-iap-bench-") as scratch:
         tmp = Path(scratch)
         script = tmp / "report.lua"

@@ -15,11 +15,13 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 import pytest
+from aiohttp import web
 
-from proxy.devserver.issuer import DevIssuer
+from proxy.devserver.issuer import DevIssuer, bind_socket, serve_socket
 from tests.support.fakegcs import FakeGcs
 from tests.support.proxyproc import ProxyProcess, isolated_env
 from tests.support.recorder import RecordingRelay
+from tests.support.threaded import LoopThread
 
 pytestmark = pytest.mark.integration
 
@@ -713,3 +715,86 @@ def test_caller_headers_that_never_reach_upstream(proxy, seeded, relay, tokens):
     )
     assert seen.headers["x-goog-encryption-algorithm"] == "AES256"
     assert tokens["alice"] not in json.dumps(seen.headers)
+
+
+def test_upstream_cookies_never_cross_callers(tmp_path, dev_issuer, metadata_server, tokens):
+    """One upstream session serves every caller: a Set-Cookie from upstream must neither
+    reach the caller nor ride along on the next caller's request."""
+    seen_cookies: list[str | None] = []
+
+    async def cookie_setter(request: web.Request) -> web.Response:
+        seen_cookies.append(request.headers.get("Cookie"))
+        response = web.Response(body=b"data", content_type="application/octet-stream")
+        response.set_cookie("upstream-session", "alice-only", path="/")
+        return response
+
+    async def start() -> web.AppRunner:
+        app = web.Application()
+        app.router.add_route("*", "/{tail:.*}", cookie_setter)
+        return await serve_socket(app, sock)
+
+    loop = LoopThread("cookie-upstream")
+    sock = bind_socket("127.0.0.1", 0)
+    runner = loop.run(start())
+    policy = tmp_path / "policy.yaml"
+    policy.write_text(
+        textwrap.dedent(
+            f"""\
+            version: 1
+            issuers:
+              - issuer: {dev_issuer.issuer_url}
+                audiences: ["{AUD}"]
+            rules:
+              - id: both-read
+                principals: ["user:{ALICE}", "user:{MALLORY}"]
+                bucket: {BUCKET}
+                prefixes: [""]
+                verbs: [read]
+            """
+        )
+    )
+    process = ProxyProcess(
+        policy,
+        # By name: aiohttp's default cookie jar ignores cookies from IP addresses anyway.
+        f"http://localhost:{sock.getsockname()[1]}",
+        isolated_env(tmp_path, metadata_server[1]),
+    )
+    try:
+        process.wait_ready()
+        target = f"/storage/v1/b/{BUCKET}/o/x.bin?alt=media"
+        first = call(process, "GET", target, tokens["alice"])
+        second = call(process, "GET", target, tokens["mallory"])
+    finally:
+        process.stop()
+        loop.run(runner.cleanup())
+        loop.stop()
+    assert (first.status, second.status) == (200, 200)
+    assert "set-cookie" not in {name.lower() for name in first.headers}
+    assert seen_cookies == [None, None]
+
+
+def test_upstream_sees_only_the_headers_the_caller_sent(proxy, seeded, relay, tokens):
+    """No Accept-Encoding of the proxy's own: Cloud Storage answers a caller that did not ask
+    for gzip with decompressive transcoding, so adding one would change the bytes it gets."""
+    head = (
+        "GET /storage/v1/b/adv-bucket/o/alice%2Fmine.txt?alt=media HTTP/1.1\r\n"
+        "Host: 127.0.0.1\r\n"
+        f"Authorization: Bearer {tokens['alice']}\r\n"
+        "Connection: close\r\n\r\n"
+    )
+    answer = raw_exchange(proxy, head.encode())
+    assert answer.startswith(b"HTTP/1.1 200")
+    assert answer.endswith(b"alice's own")
+    (seen,) = relay.seen
+    assert not {"accept-encoding", "user-agent", "cookie"} & set(seen.headers)
+    relay.clear()
+    reply = call(
+        proxy,
+        "GET",
+        "/storage/v1/b/adv-bucket/o/alice%2Fmine.txt?alt=media",
+        tokens["alice"],
+        headers={"Accept-Encoding": "gzip", "User-Agent": "app/1.0"},
+    )
+    assert reply.status == 200
+    (seen,) = relay.seen
+    assert (seen.headers["accept-encoding"], seen.headers["user-agent"]) == ("gzip", "app/1.0")

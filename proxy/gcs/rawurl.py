@@ -11,7 +11,7 @@ from proxy.errors import BadRequest
 MAX_OBJECT_NAME_BYTES = 1024
 _ESCAPE = re.compile(rb"%([0-9A-Fa-f]{2})")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
-_FORBIDDEN_RAW = frozenset("#\\\x00\r\n\t ")
+_FORBIDDEN_RAW = re.compile(r"[#\\\x00\r\n\t ]")
 # Names that carry credentials or signed-URL material: never accepted on the data port.
 _CREDENTIAL_PARAMS = frozenset(
     name.lower()
@@ -43,6 +43,10 @@ class RawTarget:
 
 def decode_component(raw: str, *, plus_is_space: bool, what: str) -> str:
     """Percent-decode exactly once; reject malformed escapes, invalid UTF-8 and control characters."""
+    if raw.isascii() and "%" not in raw and not (plus_is_space and "+" in raw):
+        if _CONTROL.search(raw):  # nothing to decode: the common case, checked alone
+            raise BadRequest(f"{what} contains a control character")
+        return raw
     data = raw.encode("utf-8", "surrogateescape")
     if b"%" in data and len(_ESCAPE.findall(data)) != data.count(b"%"):
         raise BadRequest(f"malformed percent-escape in {what}")
@@ -59,12 +63,10 @@ def decode_component(raw: str, *, plus_is_space: bool, what: str) -> str:
 
 
 def parse_target(raw_target: str) -> RawTarget:
-    if any(c in _FORBIDDEN_RAW for c in raw_target) or not raw_target.startswith("/"):
+    if _FORBIDDEN_RAW.search(raw_target) or not raw_target.startswith("/"):
         raise BadRequest("malformed request path")
-    try:
-        raw_target.encode("ascii")
-    except UnicodeEncodeError:
-        raise BadRequest("request path must be ASCII (percent-encode other characters)") from None
+    if not raw_target.isascii():
+        raise BadRequest("request path must be ASCII (percent-encode other characters)")
     path, _, query = raw_target.partition("?")
     raw_segments = path[1:].split("/")
     if any(segment == "" for segment in raw_segments):

@@ -35,13 +35,20 @@ def isolated_env(tmp: Path, metadata_port: int, **extra: str) -> dict[str, str]:
 
 
 class ProxyProcess:
-    def __init__(self, policy: Path, upstream: str, env: dict[str, str], *extra_args: str) -> None:
+    def __init__(
+        self,
+        policy: Path,
+        upstream: str,
+        env: dict[str, str],
+        *extra_args: str,
+        python: str = sys.executable,
+    ) -> None:
         self.port, self.admin_port = free_port(), free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.admin_url = f"http://127.0.0.1:{self.admin_port}"
         self.log = policy.parent / f"proxy-{self.port}.log"
         command = [
-            sys.executable, "-m", "proxy", "serve",
+            python, "-m", "proxy", "serve",
             "--listen", f"127.0.0.1:{self.port}",
             "--admin-listen", f"127.0.0.1:{self.admin_port}",
             "--policy", str(policy),
