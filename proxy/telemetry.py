@@ -5,9 +5,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-from collections.abc import Mapping
+import types
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import aiohttp
 from opentelemetry import trace
@@ -16,6 +17,9 @@ from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapProp
 
 from proxy import __version__
 from proxy.metrics import NULL_METRICS, Metrics, Watched
+
+if TYPE_CHECKING:
+    from opentelemetry.sdk.trace import ReadableSpan
 
 log = logging.getLogger(__name__)
 PROPAGATOR = TraceContextTextMapPropagator()
@@ -57,13 +61,66 @@ def protocol(env: Mapping[str, str], signal: str) -> str:
 def _span_exporter(env: Mapping[str, str]) -> Any:
     # Exporters are imported only when configured: grpc alone costs tens of MiB.
     # They read their endpoint, headers, timeout and compression from OTEL_* themselves.
+    # Both serialize with proxy.otlp.encode_spans, not the stock encoder: see proxy.otlp.
     if protocol(env, "TRACES") == "grpc":
-        from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
-    else:
-        from opentelemetry.exporter.otlp.proto.http.trace_exporter import (  # type: ignore[assignment]
-            OTLPSpanExporter,
-        )
-    return OTLPSpanExporter()
+        return _grpc_span_exporter()
+    return _http_span_exporter()
+
+
+def _grpc_span_exporter() -> Any:
+    from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
+    from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
+        ExportTraceServiceRequest,
+    )
+
+    from proxy import otlp
+
+    class GrpcSpanExporter(OTLPSpanExporter):
+        def _translate_data(self, data: Sequence[ReadableSpan]) -> ExportTraceServiceRequest:
+            # grpc serializes the message again, but parsing and serializing are upb's C.
+            request: ExportTraceServiceRequest = ExportTraceServiceRequest.FromString(
+                otlp.encode_spans(data)
+            )
+            return request
+
+    return GrpcSpanExporter()
+
+
+class _Encoded:
+    """What the stock http exporter uses of `encode_spans(spans)`: its serialization."""
+
+    def __init__(self, spans: Sequence[ReadableSpan]) -> None:
+        from proxy import otlp
+
+        self._data = otlp.encode_spans(spans)
+
+    def SerializePartialToString(self) -> bytes:
+        return self._data
+
+
+def _http_span_exporter() -> Any:
+    from opentelemetry.exporter.otlp.proto.http import trace_exporter
+    from opentelemetry.sdk.trace.export import SpanExportResult
+
+    # The stock export() serializes with `encode_spans(spans).SerializePartialToString()`, a
+    # module global, and goes on with private helpers of the installed version (internal
+    # metrics, size limit, the transport). Rather than copy those steps, or replace the global
+    # for every exporter in the process, the subclass runs that very code object with a copy
+    # of the module's globals in which encode_spans is _Encoded. Should a release stop
+    # calling encode_spans (tests/test_otlp_encode.py would fail), we keep the stock exporter.
+    stock = trace_exporter.OTLPSpanExporter.export
+    if "encode_spans" not in stock.__code__.co_names or stock.__closure__:
+        log.warning("telemetry: unexpected OTLP http exporter, spans use the stock encoder")
+        return trace_exporter.OTLPSpanExporter()
+    names = {**vars(trace_exporter), "encode_spans": _Encoded}
+    fast_export = types.FunctionType(stock.__code__, names, "export", stock.__defaults__)
+
+    class HttpSpanExporter(trace_exporter.OTLPSpanExporter):
+        def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
+            result: SpanExportResult = fast_export(self, spans)
+            return result
+
+    return HttpSpanExporter()
 
 
 def _metric_exporter(env: Mapping[str, str]) -> Any:
