@@ -7,7 +7,6 @@ import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import replace
 
-import aiohttp
 from aiohttp import web
 
 from proxy import audit
@@ -32,7 +31,7 @@ from proxy.policy import Access, Decision, Identity, PolicyIndex, Verb, evaluate
 
 log = logging.getLogger(__name__)
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-__all__ = ["Components", "admin_app", "data_app", "upstream_session"]
+__all__ = ["Components", "admin_app", "data_app"]
 
 
 # -- middlewares: error rendering (tracing and audit live in proxy.observe) -------------
@@ -228,27 +227,3 @@ def admin_app(components: Components) -> web.Application:
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     return app
-
-
-def upstream_session(connect_timeout: float, read_timeout: float) -> aiohttp.ClientSession:
-    connector = aiohttp.TCPConnector(limit=256, ttl_dns_cache=300, enable_cleanup_closed=True)
-    timeout = aiohttp.ClientTimeout(
-        total=None, sock_connect=connect_timeout, sock_read=read_timeout
-    )
-    # No cookie jar: one session serves every caller, so a Set-Cookie from Cloud Storage
-    # must never ride along on another caller's request (and the jar costs time per call).
-    session = aiohttp.ClientSession(
-        connector=connector,
-        timeout=timeout,
-        auto_decompress=False,
-        trust_env=False,
-        cookie_jar=aiohttp.DummyCookieJar(),
-        # Only what the caller sent: an Accept-Encoding of aiohttp's own would turn Cloud
-        # Storage's decompressive transcoding off for a caller that never asked for gzip.
-        skip_auto_headers=("Accept", "Accept-Encoding", "User-Agent"),
-    )
-    # Whether a request may be sent again is proxy.retry's call (Cloud Storage's idempotency
-    # rules): aiohttp's own resend of any DELETE/PUT after a reset would overrule it.
-    if hasattr(session, "_retry_connection"):
-        session._retry_connection = False
-    return session

@@ -11,9 +11,8 @@ from urllib.parse import parse_qs, urlsplit
 
 import aiohttp
 from aiohttp import web
-from yarl import URL
 
-from proxy.errors import UpstreamError, UpstreamTimeout
+from proxy.errors import BadRequest, UpstreamError, UpstreamTimeout
 from proxy.gcs.bodies import Body
 from proxy.gcs.build import response_headers, upstream_headers, upstream_target
 from proxy.gcs.operation import Kind, Operation
@@ -22,6 +21,15 @@ from proxy.gcs.responses import KeepName, reshape
 from proxy.limits import SlowClient
 from proxy.retry import RetryPolicy, StreamedBody, retryable_status
 from proxy.telemetry import inject
+from proxy.upstream import (
+    BodyLengthError,
+    ReadTimeout,
+    Response,
+    StaleConnection,
+    Upstream,
+    UpstreamConnectionError,
+    UpstreamTimeoutError,
+)
 
 MAX_JSON_RESPONSE = 64 << 20
 SMALL_BODY = 64 << 10  # answers up to this size are relayed whole rather than streamed
@@ -60,17 +68,16 @@ class Outcome:
 
 
 class Forwarder:
-    """The upstream HTTP client: one pooled session, requests rebuilt from operations."""
+    """Requests rebuilt from operations, sent over the upstream's pooled connections."""
 
     def __init__(
         self,
-        session: aiohttp.ClientSession,
-        base_url: str,
+        upstream: Upstream,
         retry: RetryPolicy | None = None,
         idle_timeout: float | None = None,
     ) -> None:
-        self.session = session
-        self.base_url = base_url.rstrip("/")
+        self.upstream = upstream
+        self.base_url = upstream.base_url
         self.retry = retry or RetryPolicy()
         self.idle_timeout = idle_timeout  # a caller's body or download left idle this long: cut
 
@@ -86,12 +93,12 @@ class Forwarder:
         headers = upstream_headers(request.headers, token)
         headers.update(body.headers)
         inject(headers)
-        url = URL(self.base_url + upstream_target(operation, plan.upload_id), encoded=True)
+        target = upstream_target(operation, plan.upload_id)
         data = body.data
         if isinstance(data, AsyncIterator):
             data = StreamedBody(data, self.idle_timeout)
         try:
-            async with await self._send(operation, url, headers, data) as upstream:
+            async with await self._send(operation, target, headers, data) as upstream:
                 outcome.status = upstream.status
                 if plan.mint_session is not None and upstream.status < 300:
                     return self._session_started(request, operation, upstream, plan.mint_session)
@@ -102,33 +109,38 @@ class Forwarder:
                 ):
                     return await self._json(request, operation, upstream, plan.keep, outcome)
                 return await self._stream(request, upstream, outcome)
-        except aiohttp.ServerTimeoutError as exc:
+        except UpstreamTimeoutError as exc:
             raise UpstreamTimeout("Cloud Storage did not answer in time") from exc
+        except BodyLengthError as exc:
+            raise BadRequest("the request body did not match its Content-Length") from exc
         except TimeoutError as exc:
             if isinstance(data, StreamedBody) and data.stalled:
                 raise SlowClient(_stalled(self.idle_timeout)) from exc
             raise UpstreamTimeout("Cloud Storage did not answer in time") from exc
-        except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError) as exc:
+        except (ConnectionError, aiohttp.ClientPayloadError) as exc:
             if request.transport is None or request.transport.is_closing():
                 raise  # the caller went away; nothing left to answer
             raise UpstreamError("could not reach Cloud Storage") from exc
 
     async def _send(
-        self, operation: Operation, url: URL, headers: dict[str, str], data: object
-    ) -> aiohttp.ClientResponse:
+        self, operation: Operation, target: str, headers: dict[str, str], data: object
+    ) -> Response:
         """Cloud Storage's answer, retried as its guidance allows (see proxy.retry)."""
         for attempt in self.retry.tries():
             try:
-                upstream = await self.session.request(
-                    operation.method, url, headers=headers, data=data, allow_redirects=False
+                upstream = await self.upstream.request(
+                    operation.method,
+                    target,
+                    headers.items(),
+                    data,  # type: ignore[arg-type]
                 )
-            except aiohttp.SocketTimeoutError:
+            except ReadTimeout:
                 raise  # a read timeout already spent its budget: not retried
-            except (aiohttp.ClientConnectionError, aiohttp.ServerTimeoutError) as exc:
+            except (UpstreamConnectionError, UpstreamTimeoutError) as exc:
                 if not self.retry.may_retry(attempt, operation, data):
                     raise
                 # A pooled connection the server had closed: resend at once (RFC 9112 9.3.1).
-                stale = attempt == 1 and isinstance(exc, aiohttp.ServerDisconnectedError)
+                stale = attempt == 1 and isinstance(exc, StaleConnection)
                 await asyncio.sleep(0 if stale else self.retry.delay(attempt))
                 continue
             if not retryable_status(upstream.status) or not self.retry.may_retry(
@@ -143,12 +155,12 @@ class Forwarder:
         self,
         request: web.Request,
         operation: Operation,
-        upstream: aiohttp.ClientResponse,
+        upstream: Response,
         keep: KeepName,
         outcome: Outcome,
     ) -> web.Response:
-        raw = bytearray()  # content.read(n) returns what has arrived, not the whole body
-        async for chunk in upstream.content.iter_any():
+        raw = bytearray()
+        async for chunk in upstream.chunks():
             raw += chunk
             if len(raw) > MAX_JSON_RESPONSE:
                 raise UpstreamError("Cloud Storage sent an oversized metadata response")
@@ -176,7 +188,7 @@ class Forwarder:
         self,
         request: web.Request,
         operation: Operation,
-        upstream: aiohttp.ClientResponse,
+        upstream: Response,
         mint: Callable[[str], str],
     ) -> web.Response:
         location = upstream.headers.get("Location", "")
@@ -192,7 +204,7 @@ class Forwarder:
         return web.Response(status=upstream.status, headers=headers)
 
     async def _stream(
-        self, request: web.Request, upstream: aiohttp.ClientResponse, outcome: Outcome
+        self, request: web.Request, upstream: Response, outcome: Outcome
     ) -> web.StreamResponse:
         headers = response_headers(upstream.headers)
         length = upstream.content_length
@@ -208,12 +220,12 @@ class Forwarder:
             response.content_length = length
         await response.prepare(request)
         try:
-            # iter_any: each chunk as it was received, never copied into a bigger one.
-            async for chunk in upstream.content.iter_any():
+            # Each chunk as it was received, never copied into a bigger one.
+            async for chunk in upstream.chunks():
                 async with asyncio.timeout(self.idle_timeout):
                     await response.write(chunk)
                 outcome.response_bytes += len(chunk)
-        except (aiohttp.ClientError, TimeoutError) as exc:
+        except (UpstreamConnectionError, TimeoutError) as exc:
             # Headers are out: no error document can follow. Cutting the connection is the
             # only way to tell the caller its body is incomplete (never a clean end).
             if request.transport is not None:
@@ -236,7 +248,7 @@ async def _flushed(request: web.Request, limit: float | None) -> None:
                 await asyncio.sleep(0.005)
 
 
-def _has_body(request: web.Request, upstream: aiohttp.ClientResponse) -> bool:
+def _has_body(request: web.Request, upstream: Response) -> bool:
     return request.method != "HEAD" and upstream.status not in (204, 304)
 
 

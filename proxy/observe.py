@@ -8,7 +8,6 @@ from contextlib import AbstractContextManager, contextmanager, nullcontext
 from functools import lru_cache
 from types import TracebackType
 
-import aiohttp
 from aiohttp import web
 from opentelemetry import trace
 from yarl import URL
@@ -283,7 +282,7 @@ def _calling_upstream(
     ) as span:
         try:
             yield
-        except (ProxyError, aiohttp.ClientError, TimeoutError) as exc:
+        except (ProxyError, ConnectionError, TimeoutError) as exc:
             error = type(exc).__name__
             span.set_status(trace.StatusCode.ERROR, str(exc) if isinstance(exc, ProxyError) else "")
             raise

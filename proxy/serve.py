@@ -14,7 +14,7 @@ import aiohttp
 from aiohttp import web
 
 from proxy import audit
-from proxy.app import Components, admin_app, data_app, upstream_session
+from proxy.app import Components, admin_app, data_app
 from proxy.credentials import AdcTokenSource, TokenSource
 from proxy.forward import Forwarder
 from proxy.gcs.sessions import session_key
@@ -26,6 +26,7 @@ from proxy.retry import RetryPolicy
 from proxy.settings import Settings
 from proxy.supervise import is_worker, supervise
 from proxy.telemetry import Telemetry
+from proxy.upstream import Upstream
 
 log = logging.getLogger(__name__)
 PolicyTransform = Callable[[Policy], Policy]
@@ -43,9 +44,12 @@ async def running(
     """Both listeners up, background refreshers running; torn down gracefully on exit."""
     async with AsyncExitStack() as stack:
         keys_session = await stack.enter_async_context(aiohttp.ClientSession(trust_env=False))
-        upstream = await stack.enter_async_context(
-            upstream_session(settings.connect_timeout, settings.read_timeout)
+        upstream = Upstream(
+            settings.upstream,
+            connect_timeout=settings.connect_timeout,
+            read_timeout=settings.read_timeout,
         )
+        stack.push_async_callback(upstream.close)
         verifier = JwtVerifier(policy.issuers, keys_session)
         source = tokens or AdcTokenSource()
         telemetry = Telemetry()
@@ -56,7 +60,6 @@ async def running(
             tokens=source,
             forwarder=Forwarder(
                 upstream,
-                settings.upstream,
                 RetryPolicy(settings.retry_attempts, settings.retry_backoff),
                 idle_timeout=settings.body_timeout,
             ),
