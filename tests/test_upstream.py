@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import hashlib
 import socket
+import ssl
 import struct
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
@@ -117,8 +118,9 @@ Script = Callable[[Conn], Awaitable[None]]
 class Peer:
     """A raw HTTP/1.1 upstream: `script` speaks for every accepted connection."""
 
-    def __init__(self, script: Script) -> None:
+    def __init__(self, script: Script, tls: ssl.SSLContext | None = None) -> None:
         self.script = script
+        self.tls = tls
         self.conns: list[Conn] = []
         self.open = 0
         self.max_open = 0
@@ -126,9 +128,11 @@ class Peer:
         self._tasks: set[asyncio.Task[None]] = set()
 
     async def start(self) -> None:
-        self.server = await asyncio.start_server(self._accept, "127.0.0.1", 0)
+        self.server = await asyncio.start_server(self._accept, "127.0.0.1", 0, ssl=self.tls)
         self.port = self.server.sockets[0].getsockname()[1]
         self.url = f"http://127.0.0.1:{self.port}"
+        if self.tls is not None:
+            self.url = f"https://localhost:{self.port}"
 
     @property
     def accepted(self) -> int:
@@ -188,11 +192,11 @@ def first_then_echo(first: Script) -> Script:
 
 
 @pytest.fixture
-async def serve() -> AsyncIterator[Callable[[Script], Awaitable[Peer]]]:
+async def serve() -> AsyncIterator[Callable[..., Awaitable[Peer]]]:
     peers: list[Peer] = []
 
-    async def start(script: Script) -> Peer:
-        peer = Peer(script)
+    async def start(script: Script, tls: ssl.SSLContext | None = None) -> Peer:
+        peer = Peer(script, tls)
         await peer.start()
         peers.append(peer)
         return peer
@@ -847,3 +851,62 @@ async def test_an_upload_slower_than_the_read_timeout_is_not_cut(serve, client):
     assert (response.status, body) == (200, b"/slow")
     assert time.monotonic() - started > 1.0
     assert peer.conns[0].requests[0].body == b"s" * 6000
+
+
+def self_signed(name: str) -> tuple[ssl.SSLContext, bytes]:
+    """A server context with a fresh self-signed certificate for `name`, and its PEM."""
+    import datetime
+    import tempfile
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=1))
+        .not_valid_after(now + datetime.timedelta(hours=1))
+        .add_extension(x509.SubjectAlternativeName([x509.DNSName(name)]), critical=False)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    cert_pem = cert.public_bytes(serialization.Encoding.PEM)
+    key_pem = key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    with tempfile.NamedTemporaryFile() as pem:
+        pem.write(cert_pem + key_pem)
+        pem.flush()
+        context.load_cert_chain(pem.name)
+    return context, cert_pem
+
+
+async def test_tls_upstream_certificate_is_verified(serve):
+    """https upstreams: the system's trust store by default, and the name must match."""
+    server_tls, cert_pem = self_signed("localhost")
+    peer = await serve(echo, server_tls)
+    trusting = ssl.create_default_context(cadata=cert_pem.decode())
+    verified = Upstream(peer.url, connect_timeout=2, read_timeout=2, ssl_context=trusting)
+    response, body = await fetch(verified, "/secure")
+    assert (response.status, body) == (200, b"/secure")
+    await verified.close()
+    untrusted = Upstream(peer.url, connect_timeout=2, read_timeout=2)
+    with pytest.raises(ConnectError, match="certificate verify failed"):
+        await untrusted.request("GET", "/x", [])
+    wrong_name = Upstream(
+        f"https://127.0.0.1:{peer.port}", connect_timeout=2, read_timeout=2, ssl_context=trusting
+    )
+    with pytest.raises(ConnectError, match=r"certificate verify failed|match"):
+        await wrong_name.request("GET", "/x", [])
+    assert [r.target for c in peer.conns for r in c.requests] == ["/secure"]
