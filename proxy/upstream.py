@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import re
+import socket
 import ssl
 import time
 from asyncio import FIRST_COMPLETED
@@ -28,6 +29,7 @@ from types import TracebackType
 from typing import Any, cast
 from urllib.parse import urlsplit
 
+import aiohappyeyeballs
 import httptools
 from multidict import CIMultiDict, CIMultiDictProxy
 
@@ -163,10 +165,15 @@ class Upstream:
         loop = asyncio.get_running_loop()
         try:
             async with asyncio.timeout(self.connect_timeout):
+                addresses = await loop.getaddrinfo(self.host, self.port, type=socket.SOCK_STREAM)
+                # Happy eyeballs (RFC 8305), as aiohttp's client did: an address family that
+                # silently drops SYNs (IPv6 without a route out) costs 0.25 s, not the timeout.
+                sock = await aiohappyeyeballs.start_connection(
+                    addresses, happy_eyeballs_delay=0.25, interleave=1
+                )
                 _, connection = await loop.create_connection(
                     lambda: _Connection(self),
-                    self.host,
-                    self.port,
+                    sock=sock,
                     ssl=self._ssl,
                     server_hostname=self.host if self._ssl else None,
                 )
