@@ -149,38 +149,39 @@ class TextFormatter(logging.Formatter):
 class AuditWriter:
     """Audit lines to a stream: formatted on the event loop, written by one thread.
 
-    Every line decided in one turn of the loop leaves in one batch, so a busy proxy hands
-    the thread one write per turn rather than one per request (a hand-off through the
-    logging machinery cost ~0.25 ms of CPU per request). The loop never blocks on a slow
-    reader of stdout (a pipe to a log agent): the thread does. Lines keep their order;
-    `close` writes everything still pending before it returns.
+    Records are kept as they are handed over and formatted FLUSH_DELAY later, all at once:
+    off the request's path (its answer has left by then), and the thread gets one write
+    per batch rather than one per request (a hand-off through the logging machinery cost
+    ~0.25 ms of CPU per request). The loop never blocks on a slow reader of stdout (a
+    pipe to a log agent): the thread does. Lines keep their order; `close` writes
+    everything still pending before it returns.
     """
 
     def __init__(self, stream: TextIO, format_line: Callable[[dict[str, Any]], str]) -> None:
         self._stream = stream
         self._format = format_line
-        self._pending: list[str] = []
+        self._pending: list[tuple[AuditRecord, str | None]] = []
         self._batches: queue.SimpleQueue[str | None] = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._run, name="audit-writer", daemon=True)
         self._thread.start()
 
-    def write(self, entry: dict[str, Any]) -> None:
-        line = self._format(entry) + "\n"
+    def write(self, record: AuditRecord, project: str | None) -> None:
+        """Keep `record` (no longer changed by its request) for the next batch."""
         if self._pending:
-            self._pending.append(line)
+            self._pending.append((record, project))
             return
+        self._pending.append((record, project))
         try:
             loop = asyncio.get_running_loop()
-        except RuntimeError:  # not on a loop (a test, the CLI): no turn to batch in
-            self._batches.put(line)
+        except RuntimeError:  # not on a loop (a test, the CLI): nothing to batch with
+            self._flush()
             return
-        self._pending.append(line)
         loop.call_later(FLUSH_DELAY, self._flush)
 
     def _flush(self) -> None:
         if self._pending:
-            self._batches.put("".join(self._pending))
-            self._pending.clear()
+            pending, self._pending = self._pending, []
+            self._batches.put("".join(self._format(r.entry(p)) + "\n" for r, p in pending))
 
     def _run(self) -> None:
         while (batch := self._batches.get()) is not None:
@@ -229,8 +230,8 @@ def stop_logging() -> None:
 
 
 def write(record: AuditRecord, project: str | None) -> None:
-    entry = record.entry(project)
+    """Audit `record`, which its request no longer changes."""
     if _writer is not None:
-        _writer.write(entry)
+        _writer.write(record, project)
     else:  # logging never configured (a library user): the audit logger still gets it
-        logging.getLogger(AUDIT_LOGGER).info("audit", extra={"entry": entry})
+        logging.getLogger(AUDIT_LOGGER).info("audit", extra={"entry": record.entry(project)})
