@@ -65,6 +65,7 @@ class ResponsePlan:
 class Outcome:
     status: int = 0
     response_bytes: int = 0
+    target: str = ""  # the upstream request target, once built
 
 
 class Forwarder:
@@ -93,7 +94,7 @@ class Forwarder:
         headers = upstream_headers(request.headers, token)
         headers.update(body.headers)
         inject(headers)
-        target = upstream_target(operation, plan.upload_id)
+        target = outcome.target = upstream_target(operation, plan.upload_id)
         data = body.data
         if isinstance(data, AsyncIterator):
             data = StreamedBody(data, self.idle_timeout)

@@ -9,6 +9,7 @@ from functools import lru_cache
 from types import TracebackType
 
 from aiohttp import web
+from opentelemetry import context as otel_context
 from opentelemetry import trace
 from yarl import URL
 
@@ -103,7 +104,7 @@ def _server_span(
             return _NOTHING
         # Nothing recorded, but the caller's trace still reaches the audit record and upstream.
         return trace.use_span(trace.get_current_span(parent))
-    return tracer.start_as_current_span(
+    span = tracer.start_span(
         request.method,
         context=parent,
         kind=trace.SpanKind.SERVER,
@@ -115,6 +116,29 @@ def _server_span(
         record_exception=False,
         set_status_on_exception=False,
     )
+    return _Current(span)
+
+
+class _Current:
+    """`start_as_current_span` for a span already started, without its two generator-based
+    context managers (measured per request): current on entry; ended on exit, exceptions
+    neither recorded nor turned into a status (refusals are answers, not errors)."""
+
+    __slots__ = ("_span", "_token")
+
+    def __init__(self, span: trace.Span) -> None:
+        self._span = span
+        self._token: object = None
+
+    def __enter__(self) -> trace.Span:
+        self._token = otel_context.attach(trace.set_span_in_context(self._span))
+        return self._span
+
+    def __exit__(
+        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        otel_context.detach(self._token)  # type: ignore[arg-type]
+        self._span.end()
 
 
 def _method(method: str) -> str:
@@ -274,12 +298,13 @@ def _calling_upstream(
     server, _ = _server(components.forwarder.base_url)
     started = time.perf_counter()
     error: str | None = None
-    with components.telemetry.tracer.start_as_current_span(
+    span_started = components.telemetry.tracer.start_span(
         "upstream",
         kind=trace.SpanKind.CLIENT,
         record_exception=False,
         set_status_on_exception=False,
-    ) as span:
+    )
+    with _Current(span_started) as span:
         try:
             yield
         except (ProxyError, ConnectionError, TimeoutError) as exc:
@@ -307,7 +332,7 @@ def _client_attributes(
     error: str | None,
 ) -> None:
     host, port = _server(components.forwarder.base_url)
-    target = upstream_target(operation).partition("?")[0]
+    target = (outcome.target or upstream_target(operation)).partition("?")[0]
     attributes: dict[str, str | int] = {
         "http.request.method": operation.method,
         "server.address": host,
