@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
+from typing import Any
 
 from proxy.policy.evaluate import Access
 
@@ -112,12 +113,22 @@ class Operation:
     def param(self, name: str) -> str | None:
         return next((v for k, v in self.params if k == name), None)
 
+    def evolve(self, **changes: Any) -> Operation:
+        """`dataclasses.replace`, without its per-call look at the fields (every request
+        makes a few copies). Operation has no __post_init__ to run again."""
+        unknown = changes.keys() - self.__dict__.keys()
+        if unknown:
+            raise TypeError(f"Operation has no field(s) {sorted(unknown)}")
+        clone = object.__new__(Operation)
+        clone.__dict__.update(self.__dict__, **changes)
+        return clone
+
     def with_param(self, name: str, value: str) -> Operation:
         params = tuple((k, v) for k, v in self.params if k != name) + ((name, value),)
-        return replace(self, params=params)
+        return self.evolve(params=params)
 
     def without_param(self, name: str) -> Operation:
-        return replace(self, params=tuple((k, v) for k, v in self.params if k != name))
+        return self.evolve(params=tuple((k, v) for k, v in self.params if k != name))
 
     def needing(self, *accesses: Access) -> Operation:
-        return replace(self, accesses=self.accesses + accesses)
+        return self.evolve(accesses=self.accesses + accesses)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
-from dataclasses import replace
 
 from proxy.errors import BadRequest, Forbidden, MethodNotAllowed
 from proxy.gcs.operation import Api, Kind, Operation, Source
@@ -15,6 +14,7 @@ from proxy.policy.model import Verb
 _BUCKET = re.compile(r"^[a-z0-9][a-z0-9._-]{1,220}[a-z0-9]$")
 _DIGITS = re.compile(r"^-?[0-9]{1,20}$")
 _BOOL = frozenset({"true", "false"})
+_API_PREFIXES = tuple((api, tuple(api.value[1:].split("/"))) for api in Api)
 _RESERVED_FIRST_SEGMENTS = frozenset({"storage", "upload", "download", "batch", "resumable"})
 
 _PRECONDITIONS = frozenset(
@@ -152,7 +152,7 @@ def parse_request(method: str, raw_target: str, headers: Mapping[str, str]) -> O
     )
     if operation.kind in _NO_ACL:
         params += (("projection", "noAcl"),)
-    return replace(operation, params=params, user_project=_user_project(target.query, headers))
+    return operation.evolve(params=params, user_project=_user_project(target.query, headers))
 
 
 def _user_project(query: Mapping[str, str], headers: Mapping[str, str]) -> str | None:
@@ -178,7 +178,7 @@ def _check_params(operation: Operation, query: Mapping[str, str]) -> Operation:
     if not _PRIVILEGED_PARAMS & set(query):
         return operation
     # Remembered as well as required now: a body may still rename the object (settle_object).
-    operation = replace(operation, privileged=True)
+    operation = operation.evolve(privileged=True)
     if operation.object is None:
         return operation
     return operation.needing(Access(Verb.ADMIN, operation.bucket, operation.object))
@@ -192,8 +192,7 @@ def _bucket(name: str) -> str:
 
 def _route(method: str, target: RawTarget) -> Operation:
     s = target.segments
-    for api in Api:
-        parts = tuple(api.value[1:].split("/"))
+    for api, parts in _API_PREFIXES:
         if s[: len(parts)] == parts:
             return _route_api(api, method, s[len(parts) :], target.query)
     if s[0] in _RESERVED_FIRST_SEGMENTS:
@@ -285,7 +284,7 @@ def _sub_resource(method: str, bucket: str, name: str, rest: tuple[str, ...]) ->
             raise MethodNotAllowed(f"{method} is not supported on this ACL resource")
         entity = rest[1] if len(rest) == 2 else None
         operation = _object(Kind.ACL, method, bucket, name, Verb.ADMIN)
-        return replace(operation, acl_entity=entity)
+        return operation.evolve(acl_entity=entity)
     raise Forbidden("this object sub-resource is not permitted through the proxy")
 
 

@@ -11,6 +11,7 @@ from proxy.errors import BadRequest
 MAX_OBJECT_NAME_BYTES = 1024
 _ESCAPE = re.compile(rb"%([0-9A-Fa-f]{2})")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+_UNRESERVED = re.compile(r"[A-Za-z0-9_.~-]*")  # never escaped by quote(value, safe="")
 _FORBIDDEN_RAW = re.compile(r"[#\\\x00\r\n\t ]")
 # Names that carry credentials or signed-URL material: never accepted on the data port.
 _CREDENTIAL_PARAMS = frozenset(
@@ -69,9 +70,15 @@ def parse_target(raw_target: str) -> RawTarget:
         raise BadRequest("request path must be ASCII (percent-encode other characters)")
     path, _, query = raw_target.partition("?")
     raw_segments = path[1:].split("/")
-    if any(segment == "" for segment in raw_segments):
+    if "" in raw_segments:
         raise BadRequest("empty path segment")
-    segments = tuple(decode_component(s, plus_is_space=False, what="path") for s in raw_segments)
+    if _CONTROL.search(path):
+        raise BadRequest("path contains a control character")
+    # ASCII (checked above) with no escape: the segment as it is; the rest decoded once.
+    segments = tuple(
+        decode_component(s, plus_is_space=False, what="path") if "%" in s else s
+        for s in raw_segments
+    )
     return RawTarget(segments, parse_query(query))
 
 
@@ -111,8 +118,10 @@ def check_object_name(name: str) -> str:
 
 def encode_segment(value: str) -> str:
     """One path segment, every reserved character escaped ('/' becomes %2F)."""
+    if _UNRESERVED.fullmatch(value):
+        return value  # what quote() would return, without its per-call machinery
     return quote(value, safe="")
 
 
 def encode_query(params: tuple[tuple[str, str], ...]) -> str:
-    return "&".join(f"{quote(k, safe='')}={quote(v, safe='')}" for k, v in params)
+    return "&".join(f"{encode_segment(k)}={encode_segment(v)}" for k, v in params)
