@@ -238,6 +238,12 @@ class Response:
                 await self._connection.wait(self)
 
     async def read(self) -> bytes:
+        if self._complete and self._error is None:  # all here already: a small answer's case
+            body = b"".join(self._chunks)
+            self._chunks.clear()
+            self._buffered = 0
+            self._connection.resume_reading()
+            return body
         return b"".join([chunk async for chunk in self.chunks()])
 
     def release(self) -> None:
