@@ -116,6 +116,21 @@ def _rss_kib(pid: int) -> int:
     return 0
 
 
+def tree_cpu_seconds(pids: list[int]) -> float:
+    """CPU time used so far by `pids` and all their descendants (every thread)."""
+    total, pending = 0, list(pids)
+    while pending:
+        pid = pending.pop()
+        pending += _children(pid)
+        try:
+            for task in os.listdir(f"/proc/{pid}/task"):
+                with open(f"/proc/{pid}/task/{task}/schedstat") as stat:
+                    total += int(stat.read().split()[0])
+        except OSError:
+            continue  # gone meanwhile
+    return total / 1e9
+
+
 def tree_rss_mib(pid: int) -> float:
     """VmRSS of `pid` and all its descendants, in MiB."""
     total, pending = 0, [pid]
