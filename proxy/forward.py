@@ -120,7 +120,7 @@ class Forwarder:
             raise UpstreamTimeout("Cloud Storage did not answer in time") from exc
         except (ConnectionError, aiohttp.ClientPayloadError) as exc:
             if request.transport is None or request.transport.is_closing():
-                raise  # the caller went away; nothing left to answer
+                raise ConnectionResetError("the caller went away") from exc  # nothing to answer
             raise UpstreamError("could not reach Cloud Storage") from exc
 
     async def _send(
@@ -232,7 +232,13 @@ class Forwarder:
             if request.transport is not None:
                 request.transport.abort()
             raise ConnectionResetError("download cut short") from exc
-        await response.write_eof()
+        try:
+            async with asyncio.timeout(self.idle_timeout):
+                await response.write_eof()  # a chunked answer's last chunk drains too
+        except TimeoutError as exc:
+            if request.transport is not None:
+                request.transport.abort()
+            raise ConnectionResetError("the caller stopped reading") from exc
         await _flushed(request, self.idle_timeout)
         return response
 

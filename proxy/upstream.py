@@ -113,7 +113,11 @@ class Upstream:
         """Send one request; the answer's head is returned, its body left to stream. The
         caller must `release()` the response (or use it as an async context manager)."""
         head, announced = self._head(method, target, headers, body)
-        await self._slots.acquire()
+        try:
+            async with asyncio.timeout(self.connect_timeout):
+                await self._slots.acquire()
+        except TimeoutError:
+            raise ConnectTimeout("every upstream connection stayed busy") from None
         try:
             connection = self._pooled() or await self._connect()
         except BaseException:
@@ -142,7 +146,8 @@ class Upstream:
                 if not value.isdigit() or announced is not None or body is None:
                     raise ValueError("Content-Length must be one number, with a body")
                 announced = int(value)
-            out += f"{name}: {value}\r\n".encode("latin-1")
+            # aiohttp decoded the caller's bytes as UTF-8 (surrogateescape): the same bytes go on.
+            out += f"{name}: {value}\r\n".encode("utf-8", "surrogateescape")
         if isinstance(body, bytes):
             out += b"Content-Length: %d\r\n" % len(body)
         elif body is not None and announced is None:
@@ -327,6 +332,7 @@ class _Connection(asyncio.Protocol):
         self._keep_alive = False
         self._remaining = 0
         self._counting = False
+        self._headers = []
         self.resume_reading()  # a pooled connection may have been paused by its last answer
         if isinstance(body, bytes) and len(body) <= 65536:
             self.transport.write(head + body)  # one write for a small request
@@ -403,16 +409,18 @@ class _Connection(asyncio.Protocol):
         if not future.done():
             error = ReadTimeout(f"no answer from upstream for {self._upstream.read_timeout:g} s")
             future.set_exception(error)
-            if self._response is not None:
-                self._response._fail(error)
+            self._fail(error)  # the answer's head, or its body, fails the same way
             self.close()
 
     def finish(self, *, reusable: bool) -> None:
         """The response was released."""
-        writer_done = self._writer is None or self._writer.done()
-        keep = reusable and writer_done and self._keep_alive and not self._lost
-        if not writer_done and self._writer is not None:
-            self._writer.cancel()
+        writer = self._writer
+        sent = writer is None or (
+            writer.done() and not writer.cancelled() and writer.exception() is None
+        )
+        keep = reusable and sent and self._keep_alive and not self._lost
+        if writer is not None and not writer.done():
+            writer.cancel()
         self._writer = None
         self._parser = None
         self._upstream._done(self, keep)
@@ -522,6 +530,8 @@ class _Connection(asyncio.Protocol):
     # -- httptools callbacks -----------------------------------------------------------
 
     def on_header(self, name: bytes, value: bytes) -> None:
+        if self._response is not None:
+            return  # a chunked body's trailer fields: not relayed, never another answer's
         self._headers.append((name.decode("latin-1"), value.decode("latin-1")))
 
     def on_headers_complete(self) -> None:

@@ -910,3 +910,163 @@ async def test_tls_upstream_certificate_is_verified(serve):
     with pytest.raises(ConnectError, match=r"certificate verify failed|match"):
         await wrong_name.request("GET", "/x", [])
     assert [r.target for c in peer.conns for r in c.requests] == ["/secure"]
+
+
+# -- found in review: trailers, non-Latin-1 values, failed uploads, stalled drains ---------
+
+
+async def test_trailer_fields_never_become_the_next_answers_headers(serve, client):
+    async def script(conn: Conn) -> None:
+        await conn.request()
+        await conn.send(
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+            b"5\r\nfirst\r\n0\r\nLocation: https://x/?upload_id=FIRST\r\n\r\n"
+        )
+        await conn.request()
+        await conn.send(ok(b"second", "Location: https://x/?upload_id=SECOND"))
+        await conn.until_closed()
+
+    peer = await serve(script)
+    upstream = client(peer)
+    first, body = await fetch(upstream, "/a")
+    assert body == b"first" and "Location" not in first.headers
+    second, body = await fetch(upstream, "/b")
+    assert body == b"second"
+    assert second.headers.getall("Location") == ["https://x/?upload_id=SECOND"]
+    assert peer.accepted == 1
+
+
+async def test_header_values_go_on_as_the_caller_sent_them(serve, client):
+    peer = await serve(echo)
+    upstream = client(peer)
+    # aiohttp hands a handler UTF-8-decoded values (surrogateescape for invalid bytes).
+    values = ["app/日本", b"raw\xff".decode("utf-8", "surrogateescape")]
+    response, _ = await fetch(
+        upstream, "/h", headers=[("User-Agent", values[0]), ("X-B", values[1])]
+    )
+    assert response.status == 200
+    raw = peer.conns[0].requests[0].raw
+    assert "User-Agent: app/日本\r\n".encode() in raw and b"X-B: raw\xff\r\n" in raw
+
+
+async def test_a_connection_whose_upload_failed_is_not_reused(serve, client):
+    """An early answer is complete and keep-alive, but the caller's upload then broke: the
+    connection is mid-body, so the next request must get a new one."""
+    caller_left = asyncio.Event()
+
+    async def script(conn: Conn) -> None:
+        head = await conn.head()
+        if head is not None and b"/upload-A" in head:
+            await conn.send(b"HTTP/1.1 400 Bad Request\r\nContent-Length: 3\r\n\r\nbad")
+            await conn.until_closed()
+        else:
+            await echo_after(conn, head)
+
+    async def echo_after(conn: Conn, head: bytes | None) -> None:
+        if head is not None:
+            target = head.split(b" ")[1]
+            await conn.send(ok(target))
+        await echo(conn)
+
+    async def body() -> AsyncIterator[bytes]:
+        yield b"abc"
+        await caller_left.wait()
+        raise ConnectionResetError("caller A went away")
+
+    peer = await serve(script)
+    upstream = client(peer)
+    response = await upstream.request("PUT", "/upload-A", [("Content-Length", "10")], body())
+    assert (response.status, await response.read()) == (400, b"bad")
+    caller_left.set()
+    await asyncio.sleep(0)  # the upload fails in the same turn as the release below
+    response.release()
+    assert (await fetch(upstream, "/request-B"))[1] == b"/request-B"
+    assert peer.accepted == 2
+    assert b"/request-B" not in bytes(peer.conns[0].received)
+
+
+async def test_upstream_that_stops_reading_an_upload_is_a_read_timeout(serve, client):
+    async def script(conn: Conn) -> None:
+        await conn.head()
+        await asyncio.sleep(3)  # never reads the body, never answers
+
+    async def body() -> AsyncIterator[bytes]:
+        for _ in range(64):
+            yield b"x" * (1 << 20)
+
+    peer = await serve(script)
+    upstream = client(peer, read_timeout=0.5)
+    started = time.monotonic()
+    with pytest.raises(ReadTimeout):
+        await upstream.request("PUT", "/up", [], body())
+    assert time.monotonic() - started < 2.5
+
+
+async def test_a_caller_that_stops_reading_at_the_end_frees_the_upstream_slot():
+    """Forwarder: the last chunk of a chunked download drains under the idle timeout too, so
+    a caller that stops reading (socket open, window full) cannot hold a connection slot."""
+    from aiohttp import web
+
+    from proxy.forward import Forwarder, Outcome, ResponsePlan
+    from proxy.gcs.bodies import Body
+    from proxy.gcs.parse import parse_request
+
+    chunk = 16 << 10
+
+    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
+        for _ in range(6):
+            writer.write(b"%x\r\n" % chunk + b"d" * chunk + b"\r\n")
+            await writer.drain()
+            await asyncio.sleep(0.002)
+        writer.write(b"0\r\n\r\n")
+        await writer.drain()
+        await asyncio.sleep(10)
+
+    gcs = await asyncio.start_server(answer, "127.0.0.1", 0)
+    upstream = Upstream(
+        f"http://127.0.0.1:{gcs.sockets[0].getsockname()[1]}",
+        connect_timeout=1,
+        read_timeout=5,
+        limit=1,
+    )
+    forwarder = Forwarder(upstream, idle_timeout=0.5)
+    ended = asyncio.Event()
+
+    async def handler(request: web.Request) -> web.StreamResponse:
+        request.transport.get_extra_info("socket").setsockopt(  # type: ignore[union-attr]
+            socket.SOL_SOCKET, socket.SO_SNDBUF, 4096
+        )
+        operation = parse_request("GET", request.raw_path, request.headers)
+        try:
+            return await forwarder.forward(
+                request, operation, Body(), "token", ResponsePlan(), Outcome()
+            )
+        finally:
+            ended.set()
+
+    app = web.Application()
+    app.router.add_get("/{tail:.*}", handler)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = runner.addresses[0][1]
+    caller = socket.socket()
+    caller.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    caller.setblocking(False)
+    loop = asyncio.get_running_loop()
+    try:
+        await loop.sock_connect(caller, ("127.0.0.1", port))
+        await loop.sock_sendall(
+            caller, b"GET /storage/v1/b/bkt/o/obj?alt=media HTTP/1.1\r\nHost: p\r\n\r\n"
+        )
+        async with asyncio.timeout(4):  # never reading: the handler must still end
+            await ended.wait()
+        assert upstream._slots._value == 1  # private, read only here: the slot came back
+    finally:
+        caller.close()
+        await runner.cleanup()
+        gcs.close()
+        await upstream.close()
