@@ -167,10 +167,9 @@ class AuditWriter:
 
     def write(self, record: AuditRecord, project: str | None) -> None:
         """Keep `record` (no longer changed by its request) for the next batch."""
-        if self._pending:
-            self._pending.append((record, project))
-            return
         self._pending.append((record, project))
+        if len(self._pending) > 1:
+            return  # a flush is already scheduled
         try:
             loop = asyncio.get_running_loop()
         except RuntimeError:  # not on a loop (a test, the CLI): nothing to batch with

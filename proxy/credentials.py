@@ -15,7 +15,7 @@ from proxy.errors import Unavailable
 log = logging.getLogger(__name__)
 
 SCOPE = "https://www.googleapis.com/auth/devstorage.full_control"
-REFRESH_MARGIN = dt.timedelta(minutes=5)
+REFRESH_MARGIN = 300.0  # seconds before expiry the background task refreshes
 _MIN_SLEEP, _MAX_BACKOFF = 1.0, 60.0
 # google-auth retries an unreachable metadata server for ~15 s; a request waits this long at most.
 TOKEN_WAIT = 2.0
@@ -55,10 +55,6 @@ def _refresh(credentials: Any) -> None:
     credentials.refresh(google.auth.transport.requests.Request())
 
 
-def _utcnow() -> dt.datetime:
-    return dt.datetime.now(dt.UTC).replace(tzinfo=None)
-
-
 class AdcTokenSource:
     """Application Default Credentials; a background task refreshes before expiry.
 
@@ -69,8 +65,7 @@ class AdcTokenSource:
     def __init__(self) -> None:
         self._credentials: Any = None
         self._token: str | None = None
-        self._expiry: dt.datetime | None = None
-        self._usable_until = 0.0  # epoch seconds: 10 s before expiry (no expiry: forever)
+        self._expires_at = 0.0  # epoch seconds (no expiry given: infinity)
         self._refreshing: asyncio.Task[None] | None = None
         self.last_error: str | None = None
         self.refreshes = 0
@@ -81,7 +76,7 @@ class AdcTokenSource:
 
     def _valid(self) -> bool:
         # Checked on every request: a float compare, not datetime arithmetic.
-        return self._token is not None and time.time() < self._usable_until
+        return self._token is not None and time.time() < self._expires_at - USABLE_MARGIN
 
     async def token(self) -> str:
         if not self._valid():
@@ -115,20 +110,15 @@ class AdcTokenSource:
             log.warning("upstream token refresh failed: %s", self.last_error)
             return
         self._token = self._credentials.token
-        self._expiry = self._credentials.expiry
-        self._usable_until = (
-            math.inf
-            if self._expiry is None
-            else self._expiry.replace(tzinfo=dt.UTC).timestamp() - USABLE_MARGIN
-        )
+        expiry = self._credentials.expiry  # naive UTC, as google-auth keeps it
+        self._expires_at = math.inf if expiry is None else expiry.replace(tzinfo=dt.UTC).timestamp()
         self.last_error = None
         self.refreshes += 1
 
     def _seconds_until_refresh(self) -> float:
-        if self._expiry is None or self._token is None:
+        if self._token is None or math.isinf(self._expires_at):
             return _MIN_SLEEP
-        due = self._expiry - REFRESH_MARGIN - _utcnow()
-        return max(due.total_seconds(), _MIN_SLEEP)
+        return max(self._expires_at - REFRESH_MARGIN - time.time(), _MIN_SLEEP)
 
     async def keep_fresh(self) -> None:
         """Background task: obtain a token, then refresh it a few minutes before it expires."""

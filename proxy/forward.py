@@ -226,19 +226,14 @@ class Forwarder:
                 async with asyncio.timeout(self.idle_timeout):
                     await response.write(chunk)
                 outcome.response_bytes += len(chunk)
+            async with asyncio.timeout(self.idle_timeout):
+                await response.write_eof()  # a chunked answer's last chunk drains too
         except (UpstreamConnectionError, TimeoutError) as exc:
             # Headers are out: no error document can follow. Cutting the connection is the
             # only way to tell the caller its body is incomplete (never a clean end).
             if request.transport is not None:
                 request.transport.abort()
             raise ConnectionResetError("download cut short") from exc
-        try:
-            async with asyncio.timeout(self.idle_timeout):
-                await response.write_eof()  # a chunked answer's last chunk drains too
-        except TimeoutError as exc:
-            if request.transport is not None:
-                request.transport.abort()
-            raise ConnectionResetError("the caller stopped reading") from exc
         await _flushed(request, self.idle_timeout)
         return response
 

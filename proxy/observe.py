@@ -17,7 +17,6 @@ from proxy import audit
 from proxy.components import COMPONENTS, RECORD, Components
 from proxy.errors import ProxyError
 from proxy.forward import Outcome
-from proxy.gcs.build import upstream_target
 from proxy.gcs.operation import Operation
 from proxy.metrics import NULL_METRICS, RequestFacts
 from proxy.telemetry import extract
@@ -332,7 +331,7 @@ def _client_attributes(
     error: str | None,
 ) -> None:
     host, port = _server(components.forwarder.base_url)
-    target = (outcome.target or upstream_target(operation)).partition("?")[0]
+    target = outcome.target.partition("?")[0]
     attributes: dict[str, str | int] = {
         "http.request.method": operation.method,
         "server.address": host,

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import logging
 import struct
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from opentelemetry.trace import SpanKind, StatusCode
@@ -238,38 +238,36 @@ def _span(out: bytearray, span: ReadableSpan) -> None:
     _field(out, _FIELD_2, body)
 
 
-def _resource(resource: Resource) -> bytes:
-    """ResourceSpans' resource field, kept by identity (a strong reference, so an id is
-    never reused while it is cached)."""
-    cached = _resources.get(id(resource))
-    if cached is not None and cached[0] is resource:
+def _by_identity(
+    cache: dict[int, tuple[Any, bytes]], obj: Any, encode: Callable[[Any], bytearray]
+) -> bytes:
+    """`encode(obj)` as field 1 of its parent, kept by identity (a strong reference, so an
+    id is never reused while it is cached)."""
+    cached = cache.get(id(obj))
+    if cached is not None and cached[0] is obj:
         return cached[1]
-    body = bytearray()
-    _attributes(body, _FIELD_1, resource.attributes)
     field = bytearray()
-    _field(field, _FIELD_1, body)
-    if len(_resources) >= _CACHE_LIMIT:
-        _resources.clear()
-    _resources[id(resource)] = (resource, bytes(field))
+    _field(field, _FIELD_1, encode(obj))
+    if len(cache) >= _CACHE_LIMIT:
+        cache.clear()
+    cache[id(obj)] = (obj, bytes(field))
     return bytes(field)
 
 
-def _scope(scope: InstrumentationScope | None) -> bytes:
-    """ScopeSpans' scope field (always present, empty for no scope), kept by identity."""
-    cached = _scopes.get(id(scope))
-    if cached is not None and cached[0] is scope:
-        return cached[1]
+def _resource_body(resource: Resource) -> bytearray:
+    body = bytearray()
+    _attributes(body, _FIELD_1, resource.attributes)
+    return body
+
+
+def _scope_body(scope: InstrumentationScope | None) -> bytearray:
+    """Always present, empty for no scope."""
     body = bytearray()
     if scope is not None:
         _string(body, _FIELD_1, scope.name)
         _string(body, _FIELD_2, scope.version)
         _attributes(body, _FIELD_3, scope.attributes)
-    field = bytearray()
-    _field(field, _FIELD_1, body)
-    if len(_scopes) >= _CACHE_LIMIT:
-        _scopes.clear()
-    _scopes[id(scope)] = (scope, bytes(field))
-    return bytes(field)
+    return body
 
 
 def encode_spans(spans: Sequence[ReadableSpan]) -> bytes:
@@ -289,9 +287,9 @@ def encode_spans(spans: Sequence[ReadableSpan]) -> bytes:
         _span(out, span)
     request = bytearray()
     for resource, scopes in groups.items():
-        resource_spans = bytearray(_resource(resource))
+        resource_spans = bytearray(_by_identity(_resources, resource, _resource_body))
         for scope, encoded_spans in scopes.items():
-            scope_spans = bytearray(_scope(scope))
+            scope_spans = bytearray(_by_identity(_scopes, scope, _scope_body))
             scope_spans += encoded_spans
             _string(scope_spans, _FIELD_3, scope.schema_url if scope else None)
             _field(resource_spans, _FIELD_2, scope_spans)

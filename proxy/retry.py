@@ -19,20 +19,12 @@ from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from proxy.gcs.operation import Kind, Operation
+from proxy.gcs.operation import WRITES, Kind, Operation
 
 RETRYABLE_STATUS = frozenset({408, 429})
 _ALWAYS = frozenset({Kind.GET, Kind.MEDIA, Kind.XML_GET, Kind.LIST})
-_GENERATION_PINNED = frozenset(
-    {
-        Kind.INSERT_MEDIA,
-        Kind.INSERT_MULTIPART,
-        Kind.RESUMABLE_START,
-        Kind.COPY,
-        Kind.REWRITE,
-        Kind.COMPOSE,
-    }
-)
+# Writes made idempotent by ifGenerationMatch; moves and restores are never retried.
+_GENERATION_PINNED = WRITES - {Kind.MOVE, Kind.RESTORE}
 _METAGENERATION_PINNED = frozenset({Kind.PATCH, Kind.UPDATE})
 
 

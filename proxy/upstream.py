@@ -306,8 +306,7 @@ class _Connection(asyncio.Protocol):
         self._headers: list[tuple[str, str]] = []
         self._informational = False
         self._answered = False  # any byte of the current answer arrived
-        self._remaining = 0  # bytes of a Content-Length body still to come
-        self._counting = False  # that body is counted here once past llhttp
+        self._remaining = 0  # bytes of a Content-Length body still to come (counted here)
         self._keep_alive = False
         self._writer: asyncio.Task[None] | None = None
         self._paused_reading = False
@@ -331,7 +330,6 @@ class _Connection(asyncio.Protocol):
         self._answered = False
         self._keep_alive = False
         self._remaining = 0
-        self._counting = False
         self._headers = []
         self.resume_reading()  # a pooled connection may have been paused by its last answer
         if isinstance(body, bytes) and len(body) <= 65536:
@@ -454,7 +452,7 @@ class _Connection(asyncio.Protocol):
         self.transport = cast(asyncio.Transport, transport)  # uvloop's are not subclasses
 
     def data_received(self, data: bytes) -> None:
-        if self._counting and self._parser is None:
+        if self._remaining and self._parser is None:
             self._body(data)
             return
         if self._parser is None:  # nothing asked: a server speaking out of turn
@@ -467,7 +465,7 @@ class _Connection(asyncio.Protocol):
             self._fail(Disconnected(f"malformed answer from upstream: {exc}"))
             self.close()
             return
-        if self._counting and self._remaining > 0:
+        if self._remaining:
             # The rest of a Content-Length body is counted here, not parsed: llhttp would
             # hand it over as a copy of every chunk.
             self._parser = None
@@ -481,7 +479,6 @@ class _Connection(asyncio.Protocol):
         self._remaining -= len(data)
         response._feed(data)
         if not self._remaining:
-            self._counting = False
             response._finish()
 
     def eof_received(self) -> bool:
@@ -501,7 +498,7 @@ class _Connection(asyncio.Protocol):
         ):
             response._finish()  # a body delimited by the (orderly) end of the connection
             return
-        if self._parser is None and not self._counting:
+        if self._parser is None and not self._remaining:
             return  # between answers
         stale = self._exchanges > 1 and not self._answered
         kind = StaleConnection if stale else Disconnected
@@ -549,7 +546,6 @@ class _Connection(asyncio.Protocol):
             self._parser = None
         elif self._response.content_length and "Transfer-Encoding" not in self._response.headers:
             self._remaining = self._response.content_length
-            self._counting = True
 
     def on_message_begin(self) -> None:
         if self._response is not None and self._response._complete:
@@ -563,7 +559,7 @@ class _Connection(asyncio.Protocol):
         if response is None or self._parser is None:  # a body after HEAD, 204 or 304
             self._keep_alive = False
             return
-        if self._counting:
+        if self._remaining:  # llhttp never hands over more than Content-Length
             self._remaining -= len(body)
         response._feed(body)
 
@@ -572,7 +568,6 @@ class _Connection(asyncio.Protocol):
             self._informational = False
             return
         self._remaining = 0
-        self._counting = False
         if self._response is not None:
             self._response._finish()
         self._parser = None

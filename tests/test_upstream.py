@@ -1013,7 +1013,10 @@ async def test_a_caller_that_stops_reading_at_the_end_frees_the_upstream_slot():
 
     chunk = 16 << 10
 
+    answering: list[asyncio.StreamWriter] = []
+
     async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        answering.append(writer)
         await reader.readuntil(b"\r\n\r\n")
         writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
         for _ in range(6):
@@ -1069,4 +1072,6 @@ async def test_a_caller_that_stops_reading_at_the_end_frees_the_upstream_slot():
         caller.close()
         await runner.cleanup()
         gcs.close()
+        for writer in answering:
+            writer.close()
         await upstream.close()
