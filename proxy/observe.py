@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Awaitable, Callable, Iterator
-from contextlib import AbstractContextManager, contextmanager, nullcontext
+from collections.abc import Awaitable, Callable
+from contextlib import AbstractContextManager, nullcontext
 from functools import lru_cache
 from types import TracebackType
 
@@ -123,21 +123,21 @@ class _Current:
     context managers (measured per request): current on entry; ended on exit, exceptions
     neither recorded nor turned into a status (refusals are answers, not errors)."""
 
-    __slots__ = ("_span", "_token")
+    __slots__ = ("_token", "span")
 
     def __init__(self, span: trace.Span) -> None:
-        self._span = span
+        self.span = span
         self._token: object = None
 
     def __enter__(self) -> trace.Span:
-        self._token = otel_context.attach(trace.set_span_in_context(self._span))
-        return self._span
+        self._token = otel_context.attach(trace.set_span_in_context(self.span))
+        return self.span
 
     def __exit__(
         self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         otel_context.detach(self._token)  # type: ignore[arg-type]
-        self._span.end()
+        self.span.end()
 
 
 def _method(method: str) -> str:
@@ -214,27 +214,58 @@ def _count(components: Components, record: audit.AuditRecord) -> None:
 
 
 # -- the steps inside the SERVER span (used by proxy.app.handle) -----------------------
+# Classes rather than @contextmanager generators: with an exporter they run three times
+# per request, and a generator-based context manager costs several times a class's.
 
 
-@contextmanager
-def step(tracer: trace.Tracer, name: str) -> Iterator[trace.Span]:
+class _Step:
     """A child span; a refusal raised inside (401, 403) is an answer, not an error.
 
     Never made current (nothing inside starts spans or sends requests): that saves a
     context attach and detach per step on every request."""
-    span = tracer.start_span(name, record_exception=False, set_status_on_exception=False)
-    try:
-        yield span
-    finally:
+
+    __slots__ = ("_record", "_span")
+
+    def __init__(self, tracer: trace.Tracer, name: str, record: audit.AuditRecord) -> None:
+        self._span = tracer.start_span(name, record_exception=False, set_status_on_exception=False)
+        self._record = record
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(
+        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        span = self._span
+        if span.is_recording():
+            self._describe(span, exc)
         span.end()
+
+    def _describe(self, span: trace.Span, exc: BaseException | None) -> None:
+        pass
+
+
+class _Authenticating(_Step):
+    def _describe(self, span: trace.Span, exc: BaseException | None) -> None:
+        if isinstance(exc, ProxyError):
+            span.set_attribute("authn.result", f"rejected ({exc.status})")
+
+
+class _Authorizing(_Step):
+    def _describe(self, span: trace.Span, exc: BaseException | None) -> None:
+        record = self._record
+        attributes = {k: v for k, v in _authz_attributes(record).items() if v is not None}
+        if record.who:
+            attributes["enduser.id"] = record.who
+        span.set_attributes(attributes)
 
 
 def authenticating(tracer: trace.Tracer, record: audit.AuditRecord) -> AbstractContextManager[None]:
-    return _authenticating(tracer, record) if _tracing(tracer) else _NOTHING
+    return _Authenticating(tracer, "authenticate", record) if _tracing(tracer) else _NOTHING
 
 
 def authorizing(tracer: trace.Tracer, record: audit.AuditRecord) -> AbstractContextManager[None]:
-    return _authorizing(tracer, record) if _tracing(tracer) else _NOTHING
+    return _Authorizing(tracer, "authorize", record) if _tracing(tracer) else _NOTHING
 
 
 def calling_upstream(
@@ -243,11 +274,13 @@ def calling_upstream(
     """The CLIENT span and metrics of one Cloud Storage call (HTTP client semantic conventions)."""
     telemetry = components.telemetry
     if _tracing(telemetry.tracer) or telemetry.metrics is not NULL_METRICS:
-        return _calling_upstream(components, operation, outcome, record)
+        return _CallingUpstream(components, operation, outcome, record)
     return _KeepResponseBytes(outcome, record)
 
 
 class _KeepResponseBytes:
+    __slots__ = ("_outcome", "_record")
+
     def __init__(self, outcome: Outcome, record: audit.AuditRecord) -> None:
         self._outcome, self._record = outcome, record
 
@@ -260,67 +293,65 @@ class _KeepResponseBytes:
         self._record.response_bytes = self._outcome.response_bytes
 
 
-@contextmanager
-def _authenticating(tracer: trace.Tracer, record: audit.AuditRecord) -> Iterator[None]:
-    with step(tracer, "authenticate") as span:
-        try:
-            yield
-        except ProxyError as error:
-            if span.is_recording():
-                span.set_attribute("authn.result", f"rejected ({error.status})")
-            raise
-
-
-@contextmanager
-def _authorizing(tracer: trace.Tracer, record: audit.AuditRecord) -> Iterator[None]:
-    with step(tracer, "authorize") as span:
-        try:
-            yield
-        finally:
-            if span.is_recording():
-                attributes = {k: v for k, v in _authz_attributes(record).items() if v is not None}
-                if record.who:
-                    attributes["enduser.id"] = record.who
-                span.set_attributes(attributes)
-
-
 @lru_cache(maxsize=8)
 def _server(base_url: str) -> tuple[str, int]:
     url = URL(base_url)
     return url.host or "", url.port or 0
 
 
-@contextmanager
-def _calling_upstream(
-    components: Components, operation: Operation, outcome: Outcome, record: audit.AuditRecord
-) -> Iterator[None]:
-    server, _ = _server(components.forwarder.base_url)
-    started = time.perf_counter()
-    error: str | None = None
-    span_started = components.telemetry.tracer.start_span(
-        "upstream",
-        kind=trace.SpanKind.CLIENT,
-        record_exception=False,
-        set_status_on_exception=False,
-    )
-    with _Current(span_started) as span:
+class _CallingUpstream(_KeepResponseBytes):
+    """Current while the upstream request is made, so that it carries this span's traceparent."""
+
+    __slots__ = ("_components", "_current", "_operation", "_started")
+
+    def __init__(
+        self,
+        components: Components,
+        operation: Operation,
+        outcome: Outcome,
+        record: audit.AuditRecord,
+    ) -> None:
+        super().__init__(outcome, record)
+        self._components, self._operation = components, operation
+        span = components.telemetry.tracer.start_span(
+            "upstream",
+            kind=trace.SpanKind.CLIENT,
+            record_exception=False,
+            set_status_on_exception=False,
+        )
+        self._current = _Current(span)
+        self._started = 0.0
+
+    def __enter__(self) -> None:
+        self._current.__enter__()
+        self._started = time.perf_counter()
+
+    def __exit__(
+        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
         try:
-            yield
-        except (ProxyError, ConnectionError, TimeoutError) as exc:
+            self._finish(exc)
+        finally:
+            self._current.__exit__(kind, exc, tb)
+
+    def _finish(self, exc: BaseException | None) -> None:
+        outcome, span = self._outcome, self._current.span
+        error: str | None = None
+        self._record.response_bytes = outcome.response_bytes
+        if isinstance(exc, (ProxyError, ConnectionError, TimeoutError)):
             error = type(exc).__name__
             span.set_status(trace.StatusCode.ERROR, str(exc) if isinstance(exc, ProxyError) else "")
-            raise
-        finally:
-            record.response_bytes = outcome.response_bytes
-            if error is None and outcome.status >= 500:
-                error = str(outcome.status)
-                span.set_status(trace.StatusCode.ERROR)
-            if span.is_recording():
-                _client_attributes(span, components, operation, outcome, error)
-            metrics = components.telemetry.metrics
-            if metrics is not NULL_METRICS:
-                seconds = time.perf_counter() - started
-                metrics.upstream(operation.method, server, outcome.status, seconds, error)
+        elif outcome.status >= 500:
+            error = str(outcome.status)
+            span.set_status(trace.StatusCode.ERROR)
+        components, operation = self._components, self._operation
+        if span.is_recording():
+            _client_attributes(span, components, operation, outcome, error)
+        metrics = components.telemetry.metrics
+        if metrics is not NULL_METRICS:
+            seconds = time.perf_counter() - self._started
+            server, _ = _server(components.forwarder.base_url)
+            metrics.upstream(operation.method, server, outcome.status, seconds, error)
 
 
 def _client_attributes(

@@ -248,14 +248,26 @@ class Telemetry:
             return
         resource = _resource(self._env, platform)
         if traces_configured(self._env):
-            from opentelemetry.sdk.trace import TracerProvider
+            from opentelemetry.sdk.trace import SpanLimits, TracerProvider
             from opentelemetry.sdk.trace.export import BatchSpanProcessor
+            from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 
-            # No sampler argument: the SDK reads OTEL_TRACES_SAMPLER(_ARG) itself.
+            from proxy import spans
+
+            # No sampler argument: the SDK reads OTEL_TRACES_SAMPLER(_ARG) itself. The
+            # provider owns the batch processor (its shutdown flushes it); the spans come
+            # from proxy.spans, which uses the provider's sampler (see there why).
             provider = TracerProvider(resource=resource, shutdown_on_exit=False)
-            provider.add_span_processor(BatchSpanProcessor(_span_exporter(self._env)))
+            processor = BatchSpanProcessor(_span_exporter(self._env))
+            provider.add_span_processor(processor)
             self._tracer_provider = provider
-            self.tracer = provider.get_tracer(SERVICE_NAME, __version__)
+            self.tracer = spans.Tracer(
+                resource=provider.resource,
+                scope=InstrumentationScope(SERVICE_NAME, __version__),
+                sampler=provider.sampler,
+                limits=SpanLimits(),
+                processor=processor,
+            )
         if metrics_configured(self._env):
             from opentelemetry.sdk.metrics import MeterProvider
             from opentelemetry.sdk.metrics.export import PeriodicExportingMetricReader
