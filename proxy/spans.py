@@ -259,10 +259,10 @@ class Span(trace.Span):
     def _set(self, key: str, value: AttributeValue) -> None:
         tracer, attributes = self._tracer, self._attributes
         kind = type(value)
-        if kind is str:
+        if kind is str or isinstance(value, str):  # str subclasses (StrEnum) are strings too
             if tracer.max_length is not None:
                 value = value[: tracer.max_length]  # type: ignore[index]
-        elif kind not in _SCALARS:
+        elif kind not in _SCALARS and not isinstance(value, _SCALARS):
             cleaned = _clean(value, tracer.max_length)
             if cleaned is None:
                 log.warning("Invalid type %s for attribute %r: dropped", kind.__name__, key)
@@ -331,14 +331,14 @@ class Span(trace.Span):
         return f"Span(name={self.name!r}, context={self.context!r})"
 
 
-def _clean(value: Any, limit: int | None) -> tuple[Any, ...] | str | None:
-    """A sequence attribute as the SDK keeps it (a tuple of scalars, strings cut to `limit`),
-    bytes as text; None for what the SDK would drop."""
-    if isinstance(value, bytes):
-        try:
-            return value.decode()[:limit]
-        except UnicodeDecodeError:
-            return None
-    if isinstance(value, Sequence) and all(v is None or type(v) in _SCALARS for v in value):
-        return tuple(v[:limit] if isinstance(v, str) else v for v in value)
-    return None
+def _clean(value: Any, limit: int | None) -> Any:
+    """A value that is not a plain scalar, as the SDK keeps it: its own (private) cleaning
+    function, so that sequences, mappings, bytes and odd types come out as they would from
+    the SDK's tracer. The pipeline never sets such values; None means dropped."""
+    try:
+        from opentelemetry.attributes import _clean_attribute_value
+    except ImportError:  # a release without it: sequences of scalars only
+        if isinstance(value, Sequence) and all(isinstance(v, _SCALARS) for v in value):
+            return tuple(v[:limit] if isinstance(v, str) else v for v in value)
+        return None
+    return _clean_attribute_value(value, limit)

@@ -4,6 +4,7 @@ the trace context propagated, and the tracer proxy.telemetry builds."""
 
 from __future__ import annotations
 
+import enum
 import hashlib
 import time
 from collections.abc import Iterator
@@ -242,6 +243,35 @@ def test_value_length_limit_applies_inside_arrays(monkeypatch: pytest.MonkeyPatc
         encoded.append(shape(encode_spans(collector.spans))[0]["spans"][0]["attributes"])
     sdk, ours = encoded
     assert ours == sdk
+
+
+class Color(enum.StrEnum):
+    RED = "red-and-long"
+
+
+class Size(enum.IntEnum):
+    BIG = 7
+
+
+@pytest.mark.parametrize("length_limit", [None, "4"])
+def test_enum_and_odd_values_as_the_sdk(
+    length_limit: str | None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """str and int subclasses stay single values (a StrEnum is not an array of letters);
+    bytes and a mapping are kept as bytes and a key-value list, as by the SDK."""
+    if length_limit:
+        monkeypatch.setenv("OTEL_ATTRIBUTE_VALUE_LENGTH_LIMIT", length_limit)
+    encoded = []
+    for tracer, collector in tracers():
+        span = tracer.start_span("s", attributes={"color": Color.RED, "size": Size.BIG})
+        span.set_attribute("raw", b"bytes-value")
+        span.set_attribute("map", {"key": "a-long-value"})  # type: ignore[arg-type]
+        span.end()
+        encoded.append(shape(encode_spans(collector.spans))[0]["spans"][0]["attributes"])
+    sdk, ours = encoded
+    assert ours == sdk
+    assert [a["key"] for a in ours] == ["color", "size", "raw", "map"]
+    assert ours[0]["value"] == {"stringValue": "red-" if length_limit else "red-and-long"}
 
 
 Calls = list[tuple[Status | StatusCode, str | None]]
