@@ -5,8 +5,6 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from aiohttp import web
-
 from proxy.credentials import TokenSource
 from proxy.forward import Forwarder
 from proxy.gcs.sessions import SessionSealer, session_key
@@ -33,5 +31,4 @@ class Components:
         return self.tokens.ready and all(check() for check in self.ready_checks)
 
 
-COMPONENTS = web.AppKey("components", Components)
 RECORD = "gcs_iap_proxy.audit_record"

@@ -84,7 +84,7 @@ class Forwarder:
 
     async def forward(
         self,
-        request: web.Request,
+        request: web.BaseRequest,
         operation: Operation,
         body: Body,
         token: str,
@@ -154,7 +154,7 @@ class Forwarder:
 
     async def _json(
         self,
-        request: web.Request,
+        request: web.BaseRequest,
         operation: Operation,
         upstream: Response,
         keep: KeepName,
@@ -187,7 +187,7 @@ class Forwarder:
 
     def _session_started(
         self,
-        request: web.Request,
+        request: web.BaseRequest,
         operation: Operation,
         upstream: Response,
         mint: Callable[[str], str],
@@ -205,7 +205,7 @@ class Forwarder:
         return web.Response(status=upstream.status, headers=headers)
 
     async def _stream(
-        self, request: web.Request, upstream: Response, outcome: Outcome
+        self, request: web.BaseRequest, upstream: Response, outcome: Outcome
     ) -> web.StreamResponse:
         headers = response_headers(upstream.headers)
         length = upstream.content_length
@@ -238,7 +238,7 @@ class Forwarder:
         return response
 
 
-async def _flushed(request: web.Request, limit: float | None) -> None:
+async def _flushed(request: web.BaseRequest, limit: float | None) -> None:
     """Wait until the tail of a body has left our buffers for the kernel's: a drain on
     SIGTERM ends the process once handlers return, and must not drop that tail."""
     transport = request.transport
@@ -250,7 +250,7 @@ async def _flushed(request: web.Request, limit: float | None) -> None:
                 await asyncio.sleep(0.005)
 
 
-def _has_body(request: web.Request, upstream: Response) -> bool:
+def _has_body(request: web.BaseRequest, upstream: Response) -> bool:
     return request.method != "HEAD" and upstream.status not in (204, 304)
 
 
@@ -258,5 +258,5 @@ def _stalled(seconds: float | None) -> str:
     return f"the request body was idle for more than {seconds or 0:g} s"
 
 
-def _origin(request: web.Request) -> str:
+def _origin(request: web.BaseRequest) -> str:
     return f"{request.scheme}://{request.host}"

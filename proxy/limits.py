@@ -1,7 +1,7 @@
 """Request limits on the data port: concurrency, header and metadata sizes, slow clients.
 
 Header size and header timeout are enforced by aiohttp's connection handler (see
-`server_options`); concurrency and metadata size by the `limit_requests` middleware;
+`server_options`); concurrency and metadata size by the `limit_requests` layer;
 the body idle timeout by `proxy.retry.StreamedBody` (streamed media) and `body_deadline`
 (bounded metadata reads); the response idle timeout by the forwarder.
 """
@@ -9,16 +9,17 @@ the body idle timeout by `proxy.retry.StreamedBody` (streamed media) and `body_d
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
 
 from aiohttp import web
-from aiohttp.typedefs import Handler, Middleware
 
 from proxy.errors import PayloadTooLarge, ProxyError, Unavailable, error_response
 
+Handler = Callable[[web.BaseRequest], Awaitable[web.StreamResponse]]
+Layer = Callable[[web.BaseRequest, Handler], Awaitable[web.StreamResponse]]
 METADATA_CEILING = 1 << 20  # proxy.gcs.metadata reads at most this much, whatever the setting
 MAX_HEADER_FIELDS = 128
 
@@ -44,9 +45,6 @@ class Limits:
     body_timeout: float = 60.0
 
 
-LIMITS = web.AppKey("limits", Limits)
-
-
 def server_options(limits: Limits) -> dict[str, Any]:
     """aiohttp connection-handler settings: header sizes and the header (keep-alive idle) timeout.
 
@@ -62,13 +60,12 @@ def server_options(limits: Limits) -> dict[str, Any]:
     }
 
 
-def limit_requests(limits: Limits) -> Middleware:
-    """Outermost data-port middleware: a fast 503 beyond `max_concurrent`, a fast 413 for
+def limit_requests(limits: Limits) -> Layer:
+    """Outermost data-port layer: a fast 503 beyond `max_concurrent`, a fast 413 for
     metadata bodies that announce more than `max_metadata_bytes`."""
     in_flight = 0
 
-    @web.middleware
-    async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    async def layer(request: web.BaseRequest, handler: Handler) -> web.StreamResponse:
         nonlocal in_flight
         if in_flight >= limits.max_concurrent:
             return error_response(
@@ -83,10 +80,10 @@ def limit_requests(limits: Limits) -> Middleware:
         finally:
             in_flight -= 1
 
-    return middleware
+    return layer
 
 
-def _oversized_metadata(request: web.Request, limit: int) -> ProxyError | None:
+def _oversized_metadata(request: web.BaseRequest, limit: int) -> ProxyError | None:
     # Only upload paths carry object data; every other body is JSON metadata.
     if request.raw_path.startswith("/upload/"):
         return None

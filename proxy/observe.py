@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Awaitable, Callable
 from contextlib import AbstractContextManager, nullcontext
 from functools import lru_cache
 from types import TracebackType
@@ -14,14 +13,14 @@ from opentelemetry import trace
 from yarl import URL
 
 from proxy import audit
-from proxy.components import COMPONENTS, RECORD, Components
+from proxy.components import RECORD, Components
 from proxy.errors import ProxyError
 from proxy.forward import Outcome
 from proxy.gcs.operation import Operation
+from proxy.limits import Handler
 from proxy.metrics import NULL_METRICS, RequestFacts
 from proxy.telemetry import extract
 
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 REDACTED = "REDACTED"
 # Query parameters whose values are safe to log; any other value (upload handles,
 # signatures, keys, tokens) is replaced by REDACTED.
@@ -55,9 +54,9 @@ def http_route(route: str | None) -> str | None:
     return route.partition("?")[0] if route else None
 
 
-@web.middleware
-async def trace_and_audit(request: web.Request, handler: Handler) -> web.StreamResponse:
-    components = request.app[COMPONENTS]
+async def trace_and_audit(
+    request: web.BaseRequest, handler: Handler, components: Components
+) -> web.StreamResponse:
     path, _, query = request.raw_path.partition("?")
     record = audit.AuditRecord(
         method=request.method,
@@ -94,7 +93,7 @@ def _tracing(tracer: trace.Tracer) -> bool:
 
 
 def _server_span(
-    request: web.Request, components: Components, record: audit.AuditRecord
+    request: web.BaseRequest, components: Components, record: audit.AuditRecord
 ) -> AbstractContextManager[trace.Span | None]:
     tracer = components.telemetry.tracer
     parent = extract(request.headers) if "traceparent" in request.headers else None

@@ -14,7 +14,7 @@ import aiohttp
 from aiohttp import web
 
 from proxy import audit
-from proxy.app import Components, admin_app, data_app
+from proxy.app import Components, admin_app, data_server
 from proxy.credentials import AdcTokenSource, TokenSource
 from proxy.forward import Forwarder
 from proxy.gcs.sessions import session_key
@@ -84,17 +84,19 @@ async def running(
             tasks.append(asyncio.create_task(source.keep_fresh()))
         stack.push_async_callback(_cancel, tasks)
         limits = _limits(settings)
-        for app, address, options in (
-            (data_app(components, limits), settings.listen, server_options(limits)),
-            (admin_app(components), settings.admin_listen, {}),
+        data = data_server(components, limits, **server_options(limits))
+        for runner, address in (
+            (
+                web.ServerRunner(data, shutdown_timeout=settings.shutdown_grace),
+                settings.listen,
+            ),
+            (
+                web.AppRunner(
+                    admin_app(components), shutdown_timeout=settings.shutdown_grace, access_log=None
+                ),
+                settings.admin_listen,
+            ),
         ):
-            runner = web.AppRunner(
-                app,
-                shutdown_timeout=settings.shutdown_grace,
-                access_log=None,
-                handle_signals=False,
-                **options,
-            )
             await runner.setup()
             stack.push_async_callback(runner.cleanup)
             await web.TCPSite(runner, address.host, address.port, reuse_port=reuse_port).start()

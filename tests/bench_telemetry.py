@@ -53,11 +53,11 @@ def bare_serve(argv: list[str]) -> int:
     from aiohttp import web
 
     from proxy import app, audit, cli
-    from proxy.components import COMPONENTS, RECORD
+    from proxy.components import RECORD, Components
 
-    @web.middleware
-    async def audit_only(request: web.Request, handler: app.Handler) -> web.StreamResponse:
-        components = request.app[COMPONENTS]
+    async def audit_only(
+        request: web.BaseRequest, handler: app.Handler, components: Components
+    ) -> web.StreamResponse:
         path, _, _ = request.raw_path.partition("?")
         record = audit.AuditRecord(
             request.method, path, request.headers.get("User-Agent"), request.remote
