@@ -10,6 +10,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -42,13 +43,14 @@ class ProxyProcess:
         env: dict[str, str],
         *extra_args: str,
         python: str = sys.executable,
+        wrapper: Sequence[str] = (),
     ) -> None:
         self.port, self.admin_port = free_port(), free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.admin_url = f"http://127.0.0.1:{self.admin_port}"
         self.log = policy.parent / f"proxy-{self.port}.log"
         command = [
-            python, "-m", "proxy", "serve",
+            *wrapper, python, "-m", "proxy", "serve",
             "--listen", f"127.0.0.1:{self.port}",
             "--admin-listen", f"127.0.0.1:{self.admin_port}",
             "--policy", str(policy),
