@@ -109,8 +109,12 @@ class AuditRecord:
         return f"{decision} {what} for {who}" + (f" (rule {self.rule_id})" if self.rule_id else "")
 
 
+# One encoder for every line: json.dumps with options builds a new one per call.
+_encode = json.JSONEncoder(separators=(",", ":"), default=str).encode
+
+
 def json_line(entry: dict[str, Any]) -> str:
-    return json.dumps(entry, separators=(",", ":"), default=str)
+    return _encode(entry)
 
 
 def text_line(entry: dict[str, Any]) -> str:
