@@ -1,6 +1,6 @@
 """Benchmark: instructions the sidecar executes per request, counted by callgrind. A program, not a test.
 
-    python tests/bench_instructions.py [--requests 300] [--exporter] [--python PY]
+    python tests/bench_instructions.py [--requests 300] [--exporter] [--env K=V ...] [--python PY]
 
 Timings on a shared 2-CPU machine move by tens of percent from run to run; instruction
 counts do not: the same code, inputs and environment give the same count whatever else
@@ -12,7 +12,8 @@ switches it off, and prints the user-space instructions per request of the sidec
 process (every thread: audit writer and span batching included). Kernel work (the
 socket calls) is not counted: compare changes of Python-level work with it, and keep
 timing whole runs with `make bench`. `--exporter` adds an OTLP exporter (to a receiver
-in its own process). Needs valgrind (Debian: valgrind).
+in its own process); `--env` sets more of the sidecar's environment (for instance
+`OTEL_METRICS_EXPORTER=none`). Needs valgrind (Debian: valgrind).
 """
 
 from __future__ import annotations
@@ -68,6 +69,8 @@ def main() -> int:
     parser.add_argument("--requests", type=int, default=300)
     parser.add_argument("--exporter", action="store_true", help="with an OTLP exporter")
     parser.add_argument("--python", default=sys.executable, help="the sidecar's interpreter")
+    parser.add_argument("--env", action="append", default=[], metavar="K=V", help="more env")
+    parser.add_argument("--out", help="keep callgrind's dump here (for callgrind_annotate)")
     args = parser.parse_args()
     if not shutil.which("valgrind") or not shutil.which("callgrind_control"):
         print("bench_instructions: needs valgrind (Debian: apt-get install valgrind)")
@@ -94,11 +97,12 @@ def main() -> int:
                 receiver = ReceiverProcess()
                 cleanups.append(receiver.stop)
                 env = {**env, **receiver.env("http/protobuf")}
+            env.update(item.split("=", 1) for item in args.env)
             gcs = FakeGcs().start()
             cleanups.append(gcs.stop)
             gcs.create_bucket(BUCKET)
             gcs.put_object(BUCKET, "bench/one-kib.bin", bytes(1024))
-            out = tmp / "callgrind.out"
+            out = Path(args.out) if args.out else tmp / "callgrind.out"
             wrapper = [
                 "valgrind", "--tool=callgrind", "--instr-atstart=no",
                 f"--callgrind-out-file={out}",
@@ -119,6 +123,7 @@ def main() -> int:
             total = total_instructions(out)
             connection.close()
             label = "with OTLP exporter" if args.exporter else "no exporter"
+            label += "".join(f", {item}" for item in args.env)
             print(
                 f"1 KiB GET, {label}: {total / args.requests:,.0f} instructions per request"
                 f" ({args.requests} requests, {total:,} in all)"
