@@ -299,7 +299,9 @@ def _server(base_url: str) -> tuple[str, int]:
 
 
 class _CallingUpstream(_KeepResponseBytes):
-    """Current while the upstream request is made, so that it carries this span's traceparent."""
+    """The CLIENT span, current while the upstream request is made so that it carries this
+    span's traceparent; with metrics but no traces, only the call's duration (the caller's
+    trace, if any, is current already)."""
 
     __slots__ = ("_components", "_current", "_operation", "_started")
 
@@ -312,17 +314,21 @@ class _CallingUpstream(_KeepResponseBytes):
     ) -> None:
         super().__init__(outcome, record)
         self._components, self._operation = components, operation
-        span = components.telemetry.tracer.start_span(
-            "upstream",
-            kind=trace.SpanKind.CLIENT,
-            record_exception=False,
-            set_status_on_exception=False,
-        )
-        self._current = _Current(span)
+        tracer = components.telemetry.tracer
+        self._current: _Current | None = None
+        if _tracing(tracer):
+            span = tracer.start_span(
+                "upstream",
+                kind=trace.SpanKind.CLIENT,
+                record_exception=False,
+                set_status_on_exception=False,
+            )
+            self._current = _Current(span)
         self._started = 0.0
 
     def __enter__(self) -> None:
-        self._current.__enter__()
+        if self._current is not None:
+            self._current.__enter__()
         self._started = time.perf_counter()
 
     def __exit__(
@@ -331,20 +337,25 @@ class _CallingUpstream(_KeepResponseBytes):
         try:
             self._finish(exc)
         finally:
-            self._current.__exit__(kind, exc, tb)
+            if self._current is not None:
+                self._current.__exit__(kind, exc, tb)
 
     def _finish(self, exc: BaseException | None) -> None:
-        outcome, span = self._outcome, self._current.span
+        outcome = self._outcome
+        span = self._current.span if self._current is not None else None
         error: str | None = None
         self._record.response_bytes = outcome.response_bytes
         if isinstance(exc, (ProxyError, ConnectionError, TimeoutError)):
             error = type(exc).__name__
-            span.set_status(trace.StatusCode.ERROR, str(exc) if isinstance(exc, ProxyError) else "")
+            if span is not None:
+                message = str(exc) if isinstance(exc, ProxyError) else ""
+                span.set_status(trace.StatusCode.ERROR, message)
         elif outcome.status >= 500:
             error = str(outcome.status)
-            span.set_status(trace.StatusCode.ERROR)
+            if span is not None:
+                span.set_status(trace.StatusCode.ERROR)
         components, operation = self._components, self._operation
-        if span.is_recording():
+        if span is not None and span.is_recording():
             _client_attributes(span, components, operation, outcome, error)
         metrics = components.telemetry.metrics
         if metrics is not NULL_METRICS:

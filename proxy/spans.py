@@ -55,6 +55,7 @@ _FLAGS = {
     for random_id in (False, True)
 }
 _SCALARS = (str, bool, int, float)
+_PLAIN = frozenset(_SCALARS)
 _UNSET = Status(StatusCode.UNSET)
 _getrandbits = random.getrandbits
 _time_ns = time.time_ns
@@ -246,6 +247,18 @@ class Span(trace.Span):
     def set_attributes(self, attributes: Mapping[str, AttributeValue]) -> None:
         if self.end_time is not None:
             log.warning("Setting attributes on an ended span.")
+            return
+        mine, tracer = self._attributes, self._tracer
+        if tracer.max_length is None and len(mine) + len(attributes) <= tracer.max_attributes:
+            # No limit can bite (what every span of the pipeline meets): plain values are
+            # stored as they are, a key set again moving to the end as in `_set`.
+            for key, value in attributes.items():
+                if type(value) in _PLAIN:
+                    if key in mine:
+                        del mine[key]
+                    mine[key] = value
+                else:
+                    self._set(key, value)
             return
         for key, value in attributes.items():
             self._set(key, value)

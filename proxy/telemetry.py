@@ -271,13 +271,33 @@ class Telemetry:
         if metrics_configured(self._env):
             from opentelemetry.sdk.metrics import MeterProvider
             from opentelemetry.sdk.metrics.export import PeriodicExportingMetricReader
+            from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 
-            from proxy.metrics import OtlpMetrics
+            from proxy.metrics import OtlpMetrics, exemplars_on, histogram_reader, own_histograms
 
-            reader = PeriodicExportingMetricReader(_metric_exporter(self._env))
+            own = own_histograms(self._env)
+            histograms: list[Any] = []
+            exporter = _metric_exporter(self._env)
+            reader = (
+                histogram_reader(
+                    exporter,
+                    lambda: histograms,
+                    resource,
+                    InstrumentationScope(SERVICE_NAME, __version__),
+                )
+                if own
+                else PeriodicExportingMetricReader(exporter)
+            )
             meters = MeterProvider([reader], resource=resource, shutdown_on_exit=False)
             self._meter_provider = meters
-            self.metrics = OtlpMetrics(meters.get_meter(SERVICE_NAME, __version__), self.watched)
+            metrics = OtlpMetrics(
+                meters.get_meter(SERVICE_NAME, __version__),
+                self.watched,
+                own=own,
+                exemplars=exemplars_on(self._env),
+            )
+            histograms.extend(metrics.histograms)
+            self.metrics = metrics
         log.info(
             "telemetry: traces %s, metrics %s",
             protocol(self._env, "TRACES") if self._tracer_provider else "off",

@@ -487,6 +487,40 @@ def test_without_exporter_the_callers_trace_still_reaches_upstream(
     assert receiver.spans(trace_id) == []
 
 
+def test_metrics_without_traces_pass_the_callers_trace_upstream(
+    bucket, receiver, relay, tmp_path, dev_issuer, metadata_server
+):
+    """OTEL_TRACES_EXPORTER=none with metrics on: no spans, yet the caller's traceparent
+    still reaches Cloud Storage unchanged, and the upstream duration is measured."""
+    env = {
+        **receiver.env("http/protobuf"),
+        **FAST_EXPORT,
+        "OTEL_TRACES_EXPORTER": "none",
+        "OTEL_SERVICE_NAME": "metrics-only",
+    }
+    process = start_proxy(tmp_path, dev_issuer, metadata_server[1], relay.url, **env)
+    try:
+        trace_id, _, traceparent = new_trace()
+        target = f"/storage/v1/b/{BUCKET}/o/alice%2Freport.csv"
+        reply = call(process, "GET", target, token(dev_issuer, ALICE), {"traceparent": traceparent})
+        assert reply.status == 200
+        assert upstream_requests(relay, trace_id) == [traceparent]
+
+        def client_durations():
+            return [
+                p
+                for p in receiver.metrics()
+                if p.metric == "http.client.request.duration"
+                and p.resource["service.name"] == "metrics-only"
+            ]
+
+        points = receiver.wait_for(client_durations)  # one per export so far
+        assert {p.attributes["http.response.status_code"] for p in points} == {200}
+        assert receiver.spans(trace_id) == []
+    finally:
+        assert process.stop() == 0, process.output()
+
+
 # -- secrets -----------------------------------------------------------------------------
 
 
