@@ -7,12 +7,13 @@ import logging
 from dataclasses import replace
 from typing import Any
 
-from aiohttp import web
+from aiohttp import HttpVersion11, web
 
 from proxy import audit
 from proxy.components import RECORD, Components
 from proxy.errors import (
     BadRequest,
+    ExpectationFailed,
     Forbidden,
     MethodNotAllowed,
     NotFound,
@@ -73,6 +74,7 @@ async def handle(
     policy = components.policy  # one revision decides the whole request, even across a reload
     record: audit.AuditRecord = request[RECORD]
     tracer = components.telemetry.tracer
+    waiting = _expects_continue(request)
     with authenticating(tracer, record):
         identity = await components.verifier.verify(request.headers)
     record.identity = _identity_fields(identity)
@@ -81,15 +83,41 @@ async def handle(
     session = _open_session(components.sessions, operation, identity)
     if session is not None:
         operation = _in_session(operation, session)
+    if waiting and operation.kind not in STREAMED_BODIES:
+        await _continue(request)  # the metadata in the body is needed to decide
     operation, body = await _read_body(request, operation, limits)
     _describe(record, operation)
     with authorizing(tracer, record):
         operation = authorize(policy, identity, operation, record)
+    if waiting and operation.kind in STREAMED_BODIES:
+        await _continue(request)  # authorised: now the media may come
     token = await components.tokens.token()
     plan = _plan(components.sessions, policy, identity, operation, session)
     outcome = Outcome()
     with calling_upstream(components, operation, outcome, record):
         return await components.forwarder.forward(request, operation, body, token, plan, outcome)
+
+
+# Bodies read_body leaves streaming (nothing in them is needed to decide).
+STREAMED_BODIES = frozenset({Kind.INSERT_MEDIA, Kind.RESUMABLE_CHUNK})
+
+
+def _expects_continue(request: web.BaseRequest) -> bool:
+    """Whether the caller waits for 100 Continue before sending its body (RFC 9110 10.1.1).
+
+    It is sent only once the body is needed: after authentication for bodies that carry
+    metadata, after authorisation for media. A caller that is refused never sends it."""
+    expect = request.headers.get("Expect")
+    if expect is None or request.version != HttpVersion11:
+        return False
+    if expect.lower() != "100-continue":
+        raise ExpectationFailed(f"unsupported expectation {expect[:32]!r}")
+    return True
+
+
+async def _continue(request: web.BaseRequest) -> None:
+    await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+    request.writer.output_size = 0  # an interim answer: not part of the response's size
 
 
 async def _read_body(

@@ -7,6 +7,7 @@
     ├── NotFound               404 notFound
     ├── MethodNotAllowed       405 methodNotAllowed
     ├── PayloadTooLarge        413 uploadTooLarge
+    ├── ExpectationFailed      417 expectationFailed
     ├── UpstreamError          502 backendError   (bad or no answer from Cloud Storage)
     ├── Unavailable            503 backendError   (no upstream token, not ready)
     └── UpstreamTimeout        504 gatewayTimeout
@@ -87,6 +88,11 @@ class MethodNotAllowed(ProxyError):
 class PayloadTooLarge(ProxyError):
     status = 413
     reason = "uploadTooLarge"
+
+
+class ExpectationFailed(ProxyError):
+    status = 417
+    reason = "expectationFailed"
 
 
 class UpstreamError(ProxyError):

@@ -203,30 +203,32 @@ class Histogram:
         )
         from opentelemetry.sdk.metrics.export import Histogram as HistogramData
 
-        with self._lock:
-            taken = []
-            for key, point in self._points.items():
-                taken.append((key, point, tuple(point.counts), sorted(point.exemplars.items())))
+        with self._lock:  # every field of a point read together: the loop keeps recording
+            taken = [
+                (key, p.start, tuple(p.counts), p.sum, p.min, p.max, sorted(p.exemplars.items()))
+                for key, p in self._points.items()
+            ]
+            for point in self._points.values():
                 point.exemplars = {}
         if not taken:
             return None
         points = [
             HistogramDataPoint(
                 attributes=dict(key),
-                start_time_unix_nano=point.start,
+                start_time_unix_nano=min(start, now),
                 time_unix_nano=now,
                 count=sum(counts),
-                sum=point.sum,
+                sum=total,
                 bucket_counts=counts,
                 explicit_bounds=self._bounds,
-                min=point.min,
-                max=point.max,
+                min=low,
+                max=high,
                 exemplars=[
                     Exemplar({}, value, at, span_id, trace_id)
                     for _, (value, at, span_id, trace_id) in exemplars
                 ],
             )
-            for key, point, counts, exemplars in taken
+            for key, start, counts, total, low, high, exemplars in taken
         ]
         return Metric(
             name=self.name,

@@ -798,3 +798,87 @@ def test_upstream_sees_only_the_headers_the_caller_sent(proxy, seeded, relay, to
     assert reply.status == 200
     (seen,) = relay.seen
     assert (seen.headers["accept-encoding"], seen.headers["user-agent"]) == ("gzip", "app/1.0")
+
+
+# -- Expect: 100-continue ----------------------------------------------------------------
+
+
+def expect_continue(proxy: ProxyProcess, head: str) -> tuple[bytes, socket.socket]:
+    """Send `head` (request line and headers, Expect included, no body); the first bytes
+    the proxy answers within 3 s, and the open socket."""
+    sock = socket.create_connection(("127.0.0.1", proxy.port), timeout=3)
+    sock.sendall(head.encode())
+    try:
+        return sock.recv(65536), sock
+    except TimeoutError:
+        return b"", sock
+
+
+def test_expect_100_continue_after_authorization_then_the_body(proxy, seeded, tokens):
+    """A client that waits for 100 Continue (curl does for bodies over 1 KiB) gets it at
+    once for an authorised upload, sends the body, and the object is stored."""
+    body = b"sent after 100 Continue\n" * 64
+    first, sock = expect_continue(
+        proxy,
+        f"POST /upload/storage/v1/b/{BUCKET}/o?uploadType=media&name=alice/expect.txt HTTP/1.1\r\n"
+        f"Host: localhost\r\nAuthorization: Bearer {tokens['alice']}\r\n"
+        f"Content-Type: text/plain\r\nContent-Length: {len(body)}\r\n"
+        "Expect: 100-continue\r\n\r\n",
+    )
+    with sock:
+        assert first.startswith(b"HTTP/1.1 100 Continue\r\n\r\n"), first[:80]
+        sock.sendall(body)
+        answer = first[len(b"HTTP/1.1 100 Continue\r\n\r\n") :]
+        while b"\r\n\r\n" not in answer:
+            answer += sock.recv(65536)
+    assert answer.startswith(b"HTTP/1.1 200"), answer[:200]
+    assert seeded.get_object(BUCKET, "alice/expect.txt") == body
+
+
+def test_expect_100_continue_for_metadata_bodies(proxy, seeded, tokens):
+    """A body whose metadata decides (here a resumable upload's object name) is asked for
+    after authentication; the decision follows it."""
+    metadata = json.dumps({"name": "alice/resumable.txt"}).encode()
+    first, sock = expect_continue(
+        proxy,
+        f"POST /upload/storage/v1/b/{BUCKET}/o?uploadType=resumable HTTP/1.1\r\n"
+        f"Host: localhost\r\nAuthorization: Bearer {tokens['alice']}\r\n"
+        f"Content-Type: application/json\r\nContent-Length: {len(metadata)}\r\n"
+        "Expect: 100-continue\r\n\r\n",
+    )
+    with sock:
+        assert first == b"HTTP/1.1 100 Continue\r\n\r\n", first[:80]
+        sock.sendall(metadata)
+        answer = b""
+        while b"\r\n\r\n" not in answer:
+            answer += sock.recv(65536)
+    assert answer.startswith(b"HTTP/1.1 200"), answer[:200]
+    assert b"upload_id=" in answer
+
+
+@pytest.mark.parametrize("who", ["nobody", "mallory"])
+def test_expect_100_continue_refused_before_the_body(proxy, seeded, tokens, who):
+    """Without a valid token the answer is 401, and without the right to write there 403,
+    both instead of 100 Continue: a refused upload never has to send its body."""
+    auth = f"Authorization: Bearer {tokens[who]}\r\n" if who in tokens else ""
+    first, sock = expect_continue(
+        proxy,
+        f"POST /upload/storage/v1/b/{BUCKET}/o?uploadType=media&name=alice/nope.txt HTTP/1.1\r\n"
+        f"Host: localhost\r\n{auth}Content-Type: text/plain\r\nContent-Length: 100000\r\n"
+        "Expect: 100-continue\r\n\r\n",
+    )
+    sock.close()
+    assert first.startswith(b"HTTP/1.1 401" if who == "nobody" else b"HTTP/1.1 403"), first[:80]
+    assert b"100 Continue" not in first
+    assert seeded.get_object(BUCKET, "alice/nope.txt") is None
+
+
+def test_unknown_expectation_is_417(proxy, seeded, tokens):
+    first, sock = expect_continue(
+        proxy,
+        f"PUT /upload/storage/v1/b/{BUCKET}/o?uploadType=media&name=alice/x.txt HTTP/1.1\r\n"
+        f"Host: localhost\r\nAuthorization: Bearer {tokens['alice']}\r\n"
+        "Content-Length: 3\r\nExpect: something-else\r\n\r\n",
+    )
+    sock.close()
+    assert first.startswith(b"HTTP/1.1 417"), first[:80]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import os
+import threading
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -428,3 +429,29 @@ def test_otlp_metrics_exports_what_the_sdk_path_exports() -> None:
         assert any(p.exemplars for p in points.values())
         counts[name] = sorted(p.count for p in points.values())
     assert counts == {NAME: [4, 5], CLIENT: [1, 1, 4]}
+
+
+def test_a_point_is_read_whole_while_the_loop_records() -> None:
+    """A measurement recorded the moment collect() lets go of the lock (the event loop can
+    run between any two bytecodes of the reader thread) is in all of a point or none of it:
+    count, buckets, sum and max agree."""
+    mine = ours(exemplars=False)
+    mine.record(0.001, GET)
+    real = threading.Lock()
+    recorded = []
+
+    class RecordOnRelease:
+        def __enter__(self) -> None:
+            real.acquire()
+
+        def __exit__(self, *_: object) -> None:
+            real.release()
+            if not recorded:
+                recorded.append(True)
+                mine.record(9.0, GET)
+
+    mine._lock = RecordOnRelease()  # type: ignore[assignment]
+    metric = mine.collect(time.time_ns())
+    assert metric is not None and recorded
+    [point] = metric.data.data_points
+    assert (point.count, sum(point.bucket_counts), point.sum, point.max) == (1, 1, 0.001, 0.001)
