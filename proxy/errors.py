@@ -120,11 +120,15 @@ def error_body(status: int, reason: str, message: str) -> dict[str, object]:
     }
 
 
+# Our answers name the product, not its stack's versions (aiohttp's default `Server`).
+SERVER = "gcs-iap-proxy"
+
+
 def error_response(error: ProxyError) -> web.Response:
     return web.Response(
         status=error.status,
         body=json.dumps(error.body()).encode(),
         content_type="application/json",
         charset="UTF-8",
-        headers=error.headers(),
+        headers={**error.headers(), "Server": SERVER},
     )

@@ -882,3 +882,17 @@ def test_unknown_expectation_is_417(proxy, seeded, tokens):
     )
     sock.close()
     assert first.startswith(b"HTTP/1.1 417"), first[:80]
+
+
+def test_answers_do_not_disclose_versions(proxy, seeded, tokens):
+    """Forwarded answers (whole and streamed), refusals and errors carry the product's name
+    as `Server`, not the Python and aiohttp versions aiohttp would announce."""
+    answers = [
+        call(proxy, "GET", f"/storage/v1/b/{BUCKET}/o/alice%2Fmine.txt?alt=media", tokens["alice"]),
+        call(proxy, "GET", f"/storage/v1/b/{BUCKET}/o/alice%2Fmine.txt", tokens["alice"]),
+        call(proxy, "GET", f"/storage/v1/b/{BUCKET}/o/bob%2Fsecret.txt?alt=media", tokens["alice"]),
+        call(proxy, "GET", f"/storage/v1/b/{BUCKET}/o/alice%2Fmine.txt?alt=media"),
+        call(proxy, "GET", f"/storage/v1/b/{BUCKET}/o/alice%2Fnone.txt?alt=media", tokens["alice"]),
+    ]
+    assert [a.status for a in answers] == [200, 200, 403, 401, 404]
+    assert {a.headers.get("server") for a in answers} == {"gcs-iap-proxy"}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
+from proxy.errors import SERVER
 from proxy.gcs.operation import Api, Kind, Operation
 from proxy.gcs.rawurl import encode_query, encode_segment
 
@@ -131,4 +132,8 @@ def upstream_headers(incoming: Mapping[str, str], token: str) -> dict[str, str]:
 
 
 def response_headers(upstream: Mapping[str, str]) -> dict[str, str]:
-    return {k: v for k, v in upstream.items() if k.lower() not in DROPPED_RESPONSE_HEADERS}
+    """Cloud Storage's answer headers that reach the caller (its `Server` among the dropped),
+    with the sidecar's own `Server`."""
+    headers = {k: v for k, v in upstream.items() if k.lower() not in DROPPED_RESPONSE_HEADERS}
+    headers["Server"] = SERVER
+    return headers
