@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import threading
 import time
@@ -15,7 +16,6 @@ from opentelemetry import trace
 if TYPE_CHECKING:
     from opentelemetry.metrics import CallbackOptions, Meter, Observation
     from opentelemetry.sdk.metrics.export import Metric, MetricExporter, MetricsData
-    from opentelemetry.sdk.resources import Resource
     from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 
 PREFIX = "gcs_iap_proxy"
@@ -137,7 +137,7 @@ class _Point:
     def __init__(self, buckets: int) -> None:
         self.counts = [0] * buckets
         self.count, self.sum = 0, 0.0
-        self.min, self.max = float("inf"), float("-inf")
+        self.min, self.max = math.inf, -math.inf
         self.start = time.time_ns()
         self.exemplars: dict[int, tuple[float, int, int, int]] = {}
 
@@ -169,7 +169,7 @@ class Histogram:
         self._lock = threading.Lock()
 
     def record(self, value: float, key: Key) -> None:
-        if not value >= 0 or value == float("inf"):
+        if not 0 <= value < math.inf:
             return  # as the SDK: negative, NaN and infinite measurements are dropped
         index = bisect_left(self._bounds, value)  # bucket i holds (bounds[i-1], bounds[i]]
         exemplar = None
@@ -243,7 +243,6 @@ class Histogram:
 def histogram_reader(
     exporter: MetricExporter,
     histograms: Callable[[], Sequence[Histogram]],
-    resource: Resource,
     scope: InstrumentationScope,
 ) -> Any:
     """A PeriodicExportingMetricReader (OTEL_METRIC_EXPORT_INTERVAL and _TIMEOUT apply)
@@ -253,12 +252,7 @@ def histogram_reader(
     instruments is not exported (MetricReader.collect is final). In the proxy every
     request counts itself in an SDK-collected counter when it ends, so that is only ever
     a first request still in flight, and its points, cumulative, leave with the next."""
-    from opentelemetry.sdk.metrics.export import MetricsData as Data
-    from opentelemetry.sdk.metrics.export import (
-        PeriodicExportingMetricReader,
-        ResourceMetrics,
-        ScopeMetrics,
-    )
+    from opentelemetry.sdk.metrics.export import PeriodicExportingMetricReader, ScopeMetrics
 
     class HistogramReader(PeriodicExportingMetricReader):
         def _receive_metrics(
@@ -271,8 +265,7 @@ def histogram_reader(
             super()._receive_metrics(metrics_data, timeout_millis, **kwargs)
 
     def _merged(data: MetricsData, ours: list[Metric]) -> MetricsData:
-        if not data.resource_metrics:  # not from MetricReader.collect as it is; kept for safety
-            data = Data([ResourceMetrics(resource, [], resource.schema_url)])
+        # The SDK's collection has one ResourceMetrics, the provider's (never an empty list).
         first, *others = data.resource_metrics
         scopes = list(first.scope_metrics)
         for i, scoped in enumerate(scopes):
@@ -281,7 +274,7 @@ def histogram_reader(
                 break
         else:
             scopes.append(ScopeMetrics(scope, ours, scope.schema_url or ""))
-        return Data([replace(first, scope_metrics=scopes), *others])
+        return replace(data, resource_metrics=[replace(first, scope_metrics=scopes), *others])
 
     return HistogramReader(exporter)
 

@@ -282,7 +282,6 @@ class Telemetry:
                 histogram_reader(
                     exporter,
                     lambda: histograms,
-                    resource,
                     InstrumentationScope(SERVICE_NAME, __version__),
                 )
                 if own

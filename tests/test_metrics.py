@@ -137,7 +137,7 @@ class Keep(MetricExporter):
 
 
 def provider_for(exporter: Keep, histograms: Sequence[Histogram]) -> MeterProvider:
-    reader = histogram_reader(exporter, lambda: histograms, RESOURCE, SCOPE)
+    reader = histogram_reader(exporter, lambda: histograms, SCOPE)
     return MeterProvider([reader], resource=RESOURCE)
 
 
