@@ -72,3 +72,13 @@ def pip_commands(stage: Stage, verb: str) -> list[list[str]]:
                 if word.endswith("pip") and words[i + 1] == verb:
                     found.append(words[i + 2 :])
     return found
+
+
+def module_commands(stage: Stage, module: str) -> list[str]:
+    """Every `... -m MODULE ...` command in the stage's RUN lines, as shell text."""
+    return [
+        command.strip()
+        for run in stage.all("RUN")
+        for command in run.split("&&")
+        if f"-m {module} " in command
+    ]
