@@ -53,7 +53,7 @@ from proxy.identity import JwtVerifier  # noqa: E402
 from proxy.policy import compile_policy, load_policy  # noqa: E402
 from tests import bench_policy  # noqa: E402
 from tests.bench_telemetry import ReceiverProcess  # noqa: E402
-from tests.support import loadgen  # noqa: E402
+from tests.support import dockerfile, loadgen  # noqa: E402
 from tests.support.fakegcs import FakeGcs  # noqa: E402
 from tests.support.nginx import NginxProxy  # noqa: E402
 from tests.support.proxyproc import ProxyProcess, isolated_env  # noqa: E402
@@ -157,7 +157,11 @@ class Bench:
         self.token = self.mint("bench@example.com")
         self.headers = {"Authorization": f"Bearer {self.token}"}
         self.policy = write_policy(self.tmp, self.issuer)
-        self.env = isolated_env(self.tmp, metadata_port)
+        # The image's interpreter settings (PYTHONDONTWRITEBYTECODE, ...), not its addresses.
+        image = dockerfile.load(ROOT / "Dockerfile")[-1].env()
+        for name in ("PATH", "PROXY_LISTEN", "PROXY_ADMIN_LISTEN"):
+            image.pop(name)
+        self.env = isolated_env(self.tmp, metadata_port, **image)
         self.gcs = FakeGcs().start()
         self._cleanups.append(self.gcs.stop)
         self.gcs.create_bucket(BUCKET)
