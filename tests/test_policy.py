@@ -289,3 +289,34 @@ def test_index_cost_does_not_depend_on_rule_count(tmp_path):
     assert not decide(index, who, "read", "gs://b2x/p1235/file").allowed
     # Only the caller's own principals' tables are consulted.
     assert len(index.tables) == 2000
+
+
+@pytest.mark.parametrize(
+    ("email", "subject", "victim"),
+    [
+        ("${sub}@example.com", "bob", "home/bob@example.com/"),  # email names the subject
+        ("${domain}@example.com", "1", "home/example.com@example.com/"),
+        ("eve@example.com", "${domain}", "sub/example.com/"),  # subject names the domain
+        ("eve@example.com", "${email}", "sub/eve@example.com/"),
+    ],
+)
+def test_template_values_are_not_expanded_again(tmp_path, email, subject, victim):
+    path = write(
+        tmp_path,
+        f"""
+        version: 1
+        issuers: [{{issuer: "{GOOGLE}", audiences: [a]}}]
+        rules:
+          - id: home
+            principals: [allAuthenticatedUsers]
+            bucket: bkt
+            prefixes: ["home/${{email}}/", "sub/${{sub}}/"]
+            verbs: [read]
+        """,
+    )
+    index = compile_policy(load_policy(path))
+    identity = Identity(GOOGLE, subject, email)
+    assert not decide(index, identity, "read", f"gs://bkt/{victim}x").allowed
+    # Their own, literal values still match.
+    assert decide(index, identity, "read", f"gs://bkt/home/{email}/x").allowed
+    assert decide(index, identity, "read", f"gs://bkt/sub/{subject}/x").allowed

@@ -2,12 +2,23 @@
 
 from __future__ import annotations
 
+import re
 from collections import defaultdict
 from dataclasses import dataclass, field
 
-from proxy.policy.model import Effect, Identity, Mode, Policy, Rule, Verb, template_safe
+from proxy.policy.model import (
+    TEMPLATE_VARIABLES,
+    Effect,
+    Identity,
+    Mode,
+    Policy,
+    Rule,
+    Verb,
+    template_safe,
+)
 
 _TEMPLATE_START = "${"
+_TEMPLATE_VARIABLE = re.compile(r"\$\{(" + "|".join(sorted(TEMPLATE_VARIABLES)) + r")\}")
 
 
 @dataclass(frozen=True)
@@ -57,15 +68,20 @@ class _Slot:
 
 
 def expand_template(template: str, identity: Identity) -> str | None:
-    """A templated prefix with the identity's values, or None if a value is unsafe."""
-    expanded = template
-    for name, value in identity.template_values().items():
-        token = "${" + name + "}"
-        if token in expanded:
-            if value is None or not template_safe(value):
-                return None
-            expanded = expanded.replace(token, value)
-    return expanded
+    """A templated prefix with the identity's values, or None if a value is unsafe.
+
+    One pass over the template: a value is never read as a template itself (an email
+    `${sub}@example.com` must not become another subject's home)."""
+    parts = _TEMPLATE_VARIABLE.split(template)  # literal, name, literal, name, ..., literal
+    if len(parts) == 1:
+        return template
+    values = identity.template_values()
+    for i in range(1, len(parts), 2):
+        value = values[parts[i]]
+        if value is None or not template_safe(value):
+            return None
+        parts[i] = value
+    return "".join(parts)
 
 
 @dataclass

@@ -14,8 +14,7 @@ from proxy.policy.evaluate import (
     expand_principal,
     expand_template,
 )
-from proxy.policy.load import TEMPLATE_VARIABLES
-from proxy.policy.model import ALL_VERBS, Identity, Policy
+from proxy.policy.model import ALL_VERBS, TEMPLATE_VARIABLES, Identity, Policy
 
 # A stand-in issuer and subject no `subject:` principal names, for principals that are emails.
 ANY_ISSUER = "urn:gcs-iap-proxy:any-issuer"

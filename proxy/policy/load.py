@@ -13,7 +13,17 @@ from urllib.parse import urlsplit
 import yaml
 from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
-from proxy.policy.model import ALL_VERBS, Effect, Issuer, Mode, Policy, Rule, Source, Verb
+from proxy.policy.model import (
+    ALL_VERBS,
+    TEMPLATE_VARIABLES,
+    Effect,
+    Issuer,
+    Mode,
+    Policy,
+    Rule,
+    Source,
+    Verb,
+)
 
 GOOGLE_ISSUER = "https://accounts.google.com"
 IAP_ISSUER = "https://cloud.google.com/iap"
@@ -28,7 +38,6 @@ ASYMMETRIC_ALGORITHMS = frozenset(
     ["RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "ES512", "EdDSA"]
 )
 DEFAULT_ALGORITHMS = ("RS256", "ES256")
-TEMPLATE_VARIABLES = frozenset(["email", "sub", "domain"])
 
 _RULE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 _BUCKET = re.compile(r"^[a-z0-9][a-z0-9._-]{1,220}[a-z0-9]$")

@@ -75,6 +75,10 @@ class Policy:
     group_sources: dict[str, Source] = field(default_factory=dict)
 
 
+# What `${...}` may name in a prefix; Identity.template_values gives each one.
+TEMPLATE_VARIABLES = frozenset(["email", "sub", "domain"])
+
+
 def template_safe(value: str | None) -> bool:
     """Whether an identity value may be substituted into a prefix template."""
     if not value or ".." in value:
