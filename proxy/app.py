@@ -8,6 +8,7 @@ from dataclasses import replace
 from typing import Any
 
 from aiohttp import HttpVersion11, web
+from aiohttp.web_protocol import RequestHandler
 
 from proxy import audit
 from proxy.components import RECORD, Components
@@ -19,7 +20,9 @@ from proxy.errors import (
     NotFound,
     PayloadTooLarge,
     ProxyError,
+    error_body,
     error_response,
+    json_error,
 )
 from proxy.forward import Outcome, ResponsePlan
 from proxy.gcs.bodies import Body, read_body
@@ -249,7 +252,46 @@ def data_server(components: Components, limits: Limits | None = None, **options:
     async def limited(request: web.BaseRequest) -> web.StreamResponse:
         return await limit(request, traced)
 
-    return web.Server(limited, access_log=None, **options)
+    return _Server(limited, access_log=None, **options)
+
+
+class _Server(web.Server):
+    """aiohttp's low-level server whose connections answer its own refusals our way."""
+
+    def __call__(self) -> RequestHandler:
+        return _Connection(self, loop=self._loop, **self._kwargs)
+
+
+class _Connection(RequestHandler):
+    """What aiohttp answers itself, the pipeline never seeing the request (a head that is
+    not valid HTTP/1.1; an exception that escaped the pipeline), in the GCS error shape.
+
+    aiohttp's own answer and its log line quote the parser's message, which quotes the
+    offending bytes: a bearer token or a CSEK key with a stray control byte, a folded
+    Authorization header, a whole head with bare LF line ends. Neither is kept here."""
+
+    def handle_error(
+        self,
+        request: web.BaseRequest,
+        status: int = 500,
+        exc: BaseException | None = None,
+        message: str | None = None,
+    ) -> web.StreamResponse:
+        if status == 400:
+            log.warning(
+                "refused a malformed HTTP request from %s (%s)",
+                request.remote,
+                type(exc).__name__ if exc else "bad request",
+            )
+            body = BadRequest("Malformed HTTP request: not valid HTTP/1.1").body()
+        else:  # the pipeline renders its own errors: this is a defect, worth a traceback
+            log.error("error %s answering a request from %s", status, request.remote, exc_info=exc)
+            body = error_body(status, "internalError", "Internal error")
+        if request.writer.output_size > 0:  # as aiohttp: an answer has begun, drop the link
+            raise ConnectionError("an answer was already under way")
+        response = json_error(status, body)
+        response.force_close()
+        return response
 
 
 def admin_app(components: Components) -> web.Application:

@@ -125,10 +125,16 @@ SERVER = "gcs-iap-proxy"
 
 
 def error_response(error: ProxyError) -> web.Response:
+    return json_error(error.status, error.body(), error.headers())
+
+
+def json_error(
+    status: int, body: dict[str, object], headers: dict[str, str] | None = None
+) -> web.Response:
     return web.Response(
-        status=error.status,
-        body=json.dumps(error.body()).encode(),
+        status=status,
+        body=json.dumps(body).encode(),
         content_type="application/json",
         charset="UTF-8",
-        headers={**error.headers(), "Server": SERVER},
+        headers={**(headers or {}), "Server": SERVER},
     )

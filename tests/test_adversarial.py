@@ -672,7 +672,7 @@ def test_transfer_encoding_with_content_length(proxy, seeded, relay, tokens):
         "0\r\n\r\nGET /storage/v1/b/adv-bucket/o/bob%2Fsecret.txt?alt=media HTTP/1.1\r\nHost: x\r\n\r\n"
     ).encode()
     reply = raw_exchange(proxy, smuggled)
-    # Refused by aiohttp's HTTP parser before any handler runs (hence HTTP/1.0, text/plain).
+    # Refused by aiohttp's HTTP parser before any handler runs (hence HTTP/1.0).
     assert reply.split(b" ", 2)[1] == b"400"
     assert b"bob's secret" not in reply
     assert relay.seen == []
@@ -896,3 +896,48 @@ def test_answers_do_not_disclose_versions(proxy, seeded, tokens):
     ]
     assert [a.status for a in answers] == [200, 200, 403, 401, 404]
     assert {a.headers.get("server") for a in answers} == {"gcs-iap-proxy"}
+
+
+CSEK_KEY = "Q1NFSy1LRVktTVVTVC1ORVZFUi1CRS1MT0dHRUQtIQ=="
+
+
+@pytest.mark.parametrize(
+    "head",
+    [
+        # A stray control byte after the token.
+        "GET {target} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\x01\r\n",
+        # The token folded onto a continuation line (obs-fold).
+        "GET {target} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer\r\n {token}\r\n",
+        # Bare LF line ends: the whole head is the parser's complaint.
+        "GET {target} HTTP/1.1\nHost: x\nAuthorization: Bearer {token}\n",
+        # A CSEK key with a DEL byte.
+        "GET {target} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\n"
+        "x-goog-encryption-key: {key}\x7f\r\n",
+    ],
+    ids=["control-byte", "obs-fold", "bare-lf", "csek-key"],
+)
+def test_malformed_heads_are_refused_without_quoting_credentials(
+    proxy, seeded, relay, tokens, head
+):
+    """aiohttp refuses these before the pipeline runs; its own answer and log line quote
+    the parser's message, offending bytes included (found by a review: a whole signed
+    token, three times in the log). Ours: the GCS error shape, and nothing quoted."""
+    target = f"/storage/v1/b/{BUCKET}/o/alice%2Fmine.txt?alt=media"
+    text = head.format(target=target, token=tokens["alice"], key=CSEK_KEY)
+    newline = "\r\n" if "\r\n" in text else "\n"
+    before = len(proxy.output())
+    reply = raw_exchange(proxy, (text + "Connection: close" + newline + newline).encode("latin-1"))
+    status_line, _, rest = reply.partition(b"\r\n")
+    headers, _, body = rest.partition(b"\r\n\r\n")
+    assert status_line.split(b" ")[1] == b"400", reply[:200]
+    assert b"Server: gcs-iap-proxy" in headers
+    assert json.loads(body)["error"]["errors"][0]["reason"] == "invalid"
+    assert tokens["alice"].encode() not in reply and CSEK_KEY.encode() not in reply
+    assert relay.seen == []
+    deadline = time.monotonic() + 5
+    while "malformed HTTP request" not in proxy.output()[before:]:
+        assert time.monotonic() < deadline, proxy.output()[before:]
+        time.sleep(0.05)
+    logged = proxy.output()[before:]
+    assert tokens["alice"] not in logged and tokens["alice"][-40:] not in logged
+    assert CSEK_KEY not in logged
