@@ -86,6 +86,7 @@ async def handle(
     session = _open_session(components.sessions, operation, identity)
     if session is not None:
         operation = _in_session(operation, session)
+    operation = _open_page_token(components.sessions, operation, identity)
     if waiting and operation.kind not in STREAMED_BODIES:
         await _continue(request)  # the metadata in the body is needed to decide
     operation, body = await _read_body(request, operation, limits)
@@ -168,6 +169,17 @@ def _open_session(
     return session
 
 
+def _open_page_token(sealer: SessionSealer, operation: Operation, identity: Identity) -> Operation:
+    """A list's pageToken is one of ours (see _plan): the upstream token it seals, or 400."""
+    if operation.kind is not Kind.LIST:
+        return operation
+    handle = dict(operation.params).get("pageToken")
+    if handle is None:
+        return operation
+    token = sealer.open_page(handle, identity.issuer, identity.subject, operation.bucket)
+    return operation.with_param("pageToken", token)
+
+
 def _in_session(operation: Operation, session: UploadSession) -> Operation:
     access = Access(Verb.WRITE, session.bucket, session.object)
     return replace(operation, object=session.object, accesses=(access,))
@@ -198,10 +210,18 @@ def _plan(
     operation: Operation,
     session: UploadSession | None,
 ) -> ResponsePlan:
-    if operation.kind is Kind.LIST and policy.enforcing:
+    if operation.kind is Kind.LIST:
         bucket = operation.bucket
+
+        def seal(token: str) -> str:
+            # The next page's token names an object, maybe one the caller may not see.
+            return sealer.seal_page(identity.issuer, identity.subject, bucket, token)
+
+        if not policy.enforcing:
+            return ResponsePlan(page_token=seal)
         return ResponsePlan(
-            keep=lambda name: evaluate(policy, identity, Access(Verb.LIST, bucket, name)).allowed
+            keep=lambda name: evaluate(policy, identity, Access(Verb.LIST, bucket, name)).allowed,
+            page_token=seal,
         )
     if operation.kind is Kind.RESUMABLE_START:
         bucket, name = operation.bucket, operation.object or ""

@@ -54,9 +54,11 @@ _JSON_KINDS = frozenset(
 
 @dataclass(frozen=True)
 class ResponsePlan:
-    """How to treat Cloud Storage's answer: list filter, session minting, the real upload id."""
+    """How to treat Cloud Storage's answer: list filter and page tokens, session minting,
+    the real upload id."""
 
     keep: KeepName = lambda _: True
+    page_token: Callable[[str], str] | None = None
     mint_session: Callable[[str], str] | None = None
     upload_id: str | None = None
 
@@ -108,7 +110,7 @@ class Forwarder:
                     and upstream.status < 300
                     and operation.method != "HEAD"
                 ):
-                    return await self._json(request, operation, upstream, plan.keep, outcome)
+                    return await self._json(request, operation, upstream, plan, outcome)
                 return await self._stream(request, upstream, outcome)
         except UpstreamTimeoutError as exc:
             raise UpstreamTimeout("Cloud Storage did not answer in time") from exc
@@ -157,7 +159,7 @@ class Forwarder:
         request: web.BaseRequest,
         operation: Operation,
         upstream: Response,
-        keep: KeepName,
+        plan: ResponsePlan,
         outcome: Outcome,
     ) -> web.Response:
         raw = bytearray()
@@ -169,7 +171,11 @@ class Forwarder:
             document = json.loads(raw) if raw else {}
         except ValueError as exc:
             raise UpstreamError("Cloud Storage sent a malformed response") from exc
-        document = reshape(operation.kind, document, _origin(request), keep)
+        document = reshape(operation.kind, document, _origin(request), plan.keep)
+        if plan.page_token is not None and isinstance(document, dict):
+            following = document.pop("nextPageToken", None)
+            if isinstance(following, str) and following:
+                document["nextPageToken"] = plan.page_token(following)
         payload = json.dumps(document).encode()
         outcome.response_bytes = len(payload)
         headers = response_headers(upstream.headers)

@@ -13,6 +13,7 @@ import textwrap
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from urllib.parse import parse_qs, quote
 
 import pytest
 from aiohttp import web
@@ -65,6 +66,12 @@ def proxy(
                 bucket: {BUCKET}
                 prefixes: ["alice/"]
                 verbs: [read, list, write, delete, metadata]
+              - id: alice-not-her-secrets
+                effect: deny
+                principals: ["user:{ALICE}"]
+                bucket: {BUCKET}
+                prefixes: ["alice/secret/"]
+                verbs: ["*"]
               - id: mallory-own
                 principals: ["user:{MALLORY}"]
                 bucket: {BUCKET}
@@ -941,3 +948,45 @@ def test_malformed_heads_are_refused_without_quoting_credentials(
     logged = proxy.output()[before:]
     assert tokens["alice"] not in logged and tokens["alice"][-40:] not in logged
     assert CSEK_KEY not in logged
+
+
+def test_page_tokens_do_not_name_what_the_caller_may_not_list(proxy, seeded, relay, tokens):
+    """Upstream's page token names where the next page starts (fake-gcs-server: the name
+    itself). Found by a review: alice, denied alice/secret/ inside her listable alice/,
+    read the hidden names one per page with maxResults=1."""
+    for name in ("alice/secret/launch-codes.txt", "alice/secret/merger-plan.txt", "alice/z.txt"):
+        seeded.put_object(BUCKET, name, b"x")
+    seen, handles, page = [], [], None
+    for _ in range(50):
+        query = "prefix=alice%2F&maxResults=1" + (
+            f"&pageToken={quote(page, safe='')}" if page else ""
+        )
+        reply = call(proxy, "GET", f"/storage/v1/b/{BUCKET}/o?{query}", tokens["alice"])
+        assert reply.status == 200, reply.body
+        document = json.loads(reply.body)
+        seen += [item["name"] for item in document.get("items", [])]
+        page = document.get("nextPageToken")
+        if not page:
+            break
+        handles.append(page)
+    assert page is None, "the listing ended"
+    assert {"alice/mine.txt", "alice/z.txt"} <= set(seen)
+    assert not [name for name in seen if name.startswith("alice/secret/")]
+    assert len(handles) >= 3 and not any("secret" in h or "alice" in h for h in handles)
+    # Upstream got its own tokens back; nobody else can use alice's.
+    sent = [parse_qs(seen.query).get("pageToken", [""])[0] for seen in relay.seen]
+    assert any("secret" in token for token in sent), sent
+    stolen = call(
+        proxy,
+        "GET",
+        f"/storage/v1/b/{BUCKET}/o?prefix=mallory%2F&pageToken={quote(handles[0], safe='')}",
+        tokens["mallory"],
+    )
+    assert stolen.status == 400 and stolen.error() == "Invalid page token"
+    forged = call(
+        proxy,
+        "GET",
+        f"/storage/v1/b/{BUCKET}/o?prefix=alice%2F&pageToken=alice%2Fz.txt",
+        tokens["alice"],
+    )
+    assert forged.status == 400

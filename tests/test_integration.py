@@ -175,6 +175,10 @@ def test_deny_rule_beats_allow(alice, fake_gcs: FakeGcs):
     # Listing the parent is allowed, but the carve-out is filtered from the answer.
     names = [b.name for b in alice.client.list_blobs(BUCKET, prefix="alice/")]
     assert "alice/private/diary.txt" not in names
+    # Page by page the client follows the sidecar's sealed page tokens to the same names.
+    pages = alice.client.list_blobs(BUCKET, prefix="alice/", page_size=1).pages
+    paged = [[b.name for b in page] for page in pages]
+    assert [name for page in paged for name in page] == names and len(paged) > 1
     fake_gcs.put_object(BUCKET, "alice/public/note.txt", b"ok")
     listing = alice.client.list_blobs(BUCKET, prefix="alice/", delimiter="/")
     list(listing)

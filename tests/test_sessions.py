@@ -10,6 +10,7 @@ import pytest
 
 from proxy.gcs.sessions import (
     SESSION_KEY_ENV,
+    InvalidPageToken,
     InvalidSession,
     SessionSealer,
     UploadSession,
@@ -60,6 +61,35 @@ def test_other_key_and_expiry():
     expired = SessionSealer(KEY).seal(UploadSession("i", "s", "b", "o", "u", int(time.time()) - 1))
     with pytest.raises(InvalidSession, match="expired"):
         SessionSealer(KEY).open(expired)
+
+
+def test_page_tokens_open_only_for_their_identity_and_bucket():
+    sealer = SessionSealer(KEY)
+    handle = sealer.seal_page("https://issuer", "alice", "bkt", "alice/secret/plan.txt")
+    assert "secret" not in handle and "alice" not in handle
+    assert sealer.open_page(handle, "https://issuer", "alice", "bkt") == "alice/secret/plan.txt"
+    for issuer, subject, bucket in [
+        ("https://issuer", "mallory", "bkt"),
+        ("https://other", "alice", "bkt"),
+        ("https://issuer", "alice", "other-bkt"),
+    ]:
+        with pytest.raises(InvalidPageToken):
+            sealer.open_page(handle, issuer, subject, bucket)
+    with pytest.raises(InvalidPageToken):
+        SessionSealer(bytes(32)).open_page(handle, "https://issuer", "alice", "bkt")
+
+
+def test_page_tokens_and_upload_handles_are_not_interchangeable():
+    sealer = SessionSealer(KEY)
+    upload = sealer.new("https://issuer", "alice", "bkt", "alice/x", "UPLOAD-ID")
+    page = sealer.seal_page("https://issuer", "alice", "bkt", "alice/x")
+    with pytest.raises(InvalidPageToken):
+        sealer.open_page(upload, "https://issuer", "alice", "bkt")
+    with pytest.raises(InvalidSession):
+        sealer.open(page)
+    for garbage in ["", "alice/x", "Zm9v", "!" * 10, "A" * 5000]:
+        with pytest.raises(InvalidPageToken):
+            sealer.open_page(garbage, "https://issuer", "alice", "bkt")
 
 
 def test_session_key_from_environment():

@@ -1,8 +1,13 @@
-"""Resumable-upload session handles: the real upload id sealed for one identity and one object.
+"""Handles the caller holds in place of Cloud Storage's own: resumable-upload sessions and
+list page tokens, AES-GCM sealed with a key every worker shares.
 
 A Cloud Storage upload id is a bearer capability: whoever holds it can upload without any
-credential. The caller therefore never sees it. It gets an opaque handle, AES-GCM sealed
-with a key every worker shares, binding (issuer, subject, bucket, object, upload id, expiry).
+credential. The caller therefore never sees it. It gets an opaque handle binding (issuer,
+subject, bucket, object, upload id, expiry).
+
+A list's page token names where the next page starts: an object name, which may be one
+the caller's grant hides (a denied folder inside a listable prefix). The caller gets it
+sealed for (issuer, subject, bucket), and only that identity's list of that bucket opens it.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ from proxy.errors import BadRequest
 SESSION_KEY_ENV = "PROXY_SESSION_KEY"
 SESSION_LIFETIME = 7 * 24 * 3600  # Cloud Storage keeps a resumable session for a week
 _AAD = b"gcs-iap-proxy/upload-session/v1"
+_PAGE_AAD = b"gcs-iap-proxy/page-token/v1"
 _NONCE = 12
 MAX_HANDLE = 4096
 
@@ -42,6 +48,10 @@ class InvalidSession(BadRequest):
 
     status = 404
     reason = "notFound"
+
+
+class InvalidPageToken(BadRequest):
+    """A pageToken this proxy did not issue to this identity for this bucket."""
 
 
 def session_key(env: dict[str, str] | None = None) -> bytes:
@@ -66,34 +76,55 @@ class SessionSealer:
     def __init__(self, key: bytes) -> None:
         self._aead = AESGCM(key)
 
-    def seal(self, session: UploadSession) -> str:
+    def _seal(self, fields: list[str | int], aad: bytes) -> str:
         nonce = secrets.token_bytes(_NONCE)
-        payload = json.dumps(
-            [
-                session.issuer,
-                session.subject,
-                session.bucket,
-                session.object,
-                session.upload_id,
-                session.expires,
-            ],
-            separators=(",", ":"),
-        ).encode()
-        sealed = nonce + self._aead.encrypt(nonce, payload, _AAD)
+        payload = json.dumps(fields, separators=(",", ":")).encode()
+        sealed = nonce + self._aead.encrypt(nonce, payload, aad)
         return base64.urlsafe_b64encode(sealed).decode().rstrip("=")
 
-    def open(self, handle: str, now: float | None = None) -> UploadSession:
+    def _open(self, handle: str, aad: bytes) -> list[object] | None:
+        """The sealed fields, or None for anything this key did not seal with `aad`."""
         if not handle or len(handle) > MAX_HANDLE:
-            raise InvalidSession("no such upload session")
+            return None
         try:
             raw = base64.b64decode(handle + "=" * (-len(handle) % 4), altchars=b"-_", validate=True)
-            payload = json.loads(self._aead.decrypt(raw[:_NONCE], raw[_NONCE:], _AAD))
-            session = UploadSession(*payload)
-        except (binascii.Error, ValueError, InvalidTag, TypeError):
-            raise InvalidSession("no such upload session") from None
+            fields = json.loads(self._aead.decrypt(raw[:_NONCE], raw[_NONCE:], aad))
+        except (binascii.Error, ValueError, InvalidTag):
+            return None
+        return fields if isinstance(fields, list) else None
+
+    def seal(self, session: UploadSession) -> str:
+        fields: list[str | int] = [
+            session.issuer,
+            session.subject,
+            session.bucket,
+            session.object,
+            session.upload_id,
+            session.expires,
+        ]
+        return self._seal(fields, _AAD)
+
+    def open(self, handle: str, now: float | None = None) -> UploadSession:
+        fields = self._open(handle, _AAD)
+        if fields is None or len(fields) != 6:
+            raise InvalidSession("no such upload session")
+        session = UploadSession(*fields)  # type: ignore[arg-type]
         if session.expires < (time.time() if now is None else now):
             raise InvalidSession("the upload session has expired")
         return session
+
+    def seal_page(self, issuer: str, subject: str, bucket: str, token: str) -> str:
+        return self._seal([issuer, subject, bucket, token], _PAGE_AAD)
+
+    def open_page(self, handle: str, issuer: str, subject: str, bucket: str) -> str:
+        """The upstream page token `handle` seals for exactly this identity and bucket."""
+        fields = self._open(handle, _PAGE_AAD)
+        if not fields or fields[:3] != [issuer, subject, bucket] or len(fields) != 4:
+            raise InvalidPageToken("Invalid page token")
+        token = fields[3]
+        if not isinstance(token, str):
+            raise InvalidPageToken("Invalid page token")
+        return token
 
     def new(self, issuer: str, subject: str, bucket: str, name: str, upload_id: str) -> str:
         expires = int(time.time()) + SESSION_LIFETIME
