@@ -15,7 +15,7 @@ import jwt
 from proxy.errors import Unauthenticated
 from proxy.keys import IssuerKeys, SigningKey
 from proxy.policy.load import GOOGLE_ISSUER
-from proxy.policy.model import Identity, Issuer
+from proxy.policy.model import Identity, Issuer, email_vouched
 
 MAX_TOKEN_BYTES = 16 * 1024
 _CACHE_SIZE = 4096
@@ -45,8 +45,7 @@ def identity_from_claims(issuer: str, claims: Mapping[str, Any]) -> Identity:
     if not isinstance(sub, str) or not sub:
         raise Unauthenticated("token has no subject")
     email = claims.get("email")
-    verified = claims.get("email_verified", True)
-    if not isinstance(email, str) or verified in (False, "false", "False"):
+    if not isinstance(email, str) or not email_vouched(claims):
         return Identity(issuer=issuer, subject=sub)
     return Identity(issuer=issuer, subject=sub, email=email.lower())
 

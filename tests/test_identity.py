@@ -75,6 +75,29 @@ async def test_unverified_email_is_not_an_identity(issuer, session):
 
 
 @pytest.mark.parametrize(
+    ("verified", "vouched"),
+    [
+        (True, True),
+        ("true", True),
+        ("TRUE", True),
+        (False, False),
+        ("FALSE", False),  # counted as verified before a review found it
+        ("no", False),
+        (0, False),
+        (1, False),
+        (None, False),
+        (["true"], False),
+    ],
+)
+async def test_only_a_true_email_verified_vouches_for_the_email(issuer, session, verified, vouched):
+    verifier = verifier_for(issuer, session)
+    token = issuer.mint(
+        audience=AUD, subject="s", email="a@example.com", extra={"email_verified": verified}
+    )
+    assert (await verifier.verify(bearer(token))).email == ("a@example.com" if vouched else None)
+
+
+@pytest.mark.parametrize(
     ("mint", "message"),
     [
         (dict(lifetime=-120), "expired"),

@@ -11,7 +11,7 @@ from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
 from proxy.policy.evaluate import Access, Decision, PolicyIndex, compile_policy, evaluate
 from proxy.policy.load import GOOGLE_ISSUER, PolicyError, load_policy
-from proxy.policy.model import Identity, Policy, Source, Verb
+from proxy.policy.model import Identity, Policy, Source, Verb, email_vouched
 
 IDENTITY_KEYS = ("email", "sub", "issuer", "email_verified")
 CASE_KEYS = ("name", "identity", "verb", "resource", "expect", "rule")
@@ -46,7 +46,7 @@ def make_identity(policy: Policy, values: Mapping[str, str | bool | None]) -> Id
     subject = values.get("sub") or email
     if not isinstance(subject, str) or not subject:
         raise InputError("an identity needs an email or a sub")
-    verified = values.get("email_verified", True) not in (False, "false", "False")
+    verified = email_vouched(values)
     return Identity(
         issuer=str(issuer) if issuer else _default_issuer(policy),
         subject=subject,

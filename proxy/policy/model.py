@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 
@@ -77,6 +78,14 @@ class Policy:
 
 # What `${...}` may name in a prefix; Identity.template_values gives each one.
 TEMPLATE_VARIABLES = frozenset(["email", "sub", "domain"])
+
+
+def email_vouched(claims: Mapping[str, object]) -> bool:
+    """Whether a token vouches for its `email`: `email_verified` true, or absent (IAP's
+    header JWT has none). Anything else counts as unverified, not only `false`: "FALSE",
+    0, null, "no", a list."""
+    verified = claims.get("email_verified", True)
+    return verified is True or (isinstance(verified, str) and verified.lower() == "true")
 
 
 def template_safe(value: str | None) -> bool:
