@@ -12,7 +12,7 @@ from typing import Any, Protocol
 import aiohttp
 import jwt
 
-from proxy.errors import Unauthenticated
+from proxy.errors import BadRequest, Unauthenticated
 from proxy.keys import IssuerKeys, SigningKey
 from proxy.policy.load import GOOGLE_ISSUER
 from proxy.policy.model import Identity, Issuer, email_vouched
@@ -33,6 +33,18 @@ class _Presented:
     token: str
     source: str  # the header it came in
     candidates: tuple[Issuer, ...]
+
+
+def _single(headers: Mapping[str, str], name: str) -> str | None:
+    """The one value of a credential header. Two are refused, not chosen between: a proxy
+    in front that appends its own must not decide, by order, who the caller is."""
+    getall = getattr(headers, "getall", None)  # a request's multidict; a plain dict has one
+    if getall is None:
+        return headers.get(name)
+    values: list[str] = getall(name, [])
+    if len(values) > 1:
+        raise BadRequest(f"more than one {name} header")
+    return values[0] if values else None
 
 
 def bearer_token(value: str) -> str | None:
@@ -70,11 +82,11 @@ class JwtVerifier:
 
     def present(self, headers: Mapping[str, str]) -> _Presented:
         for header in self._headers:
-            value = headers.get(header)
+            value = _single(headers, header)
             if value:
                 matching = tuple(i for i in self.issuers if i.header == header)
                 return _Presented(value.strip(), header, matching)
-        authorization = headers.get("authorization")
+        authorization = _single(headers, "authorization")
         if not authorization:
             raise Unauthenticated(
                 "no identity token: send Authorization: Bearer <ID token>", missing=True

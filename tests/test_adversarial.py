@@ -990,3 +990,20 @@ def test_page_tokens_do_not_name_what_the_caller_may_not_list(proxy, seeded, rel
         tokens["alice"],
     )
     assert forged.status == 400
+
+
+@pytest.mark.parametrize("order", [("alice", "mallory"), ("mallory", "alice")])
+def test_two_authorization_headers_are_refused_not_chosen_between(
+    proxy, seeded, relay, tokens, order
+):
+    connection = http.client.HTTPConnection("127.0.0.1", proxy.port, timeout=10)
+    connection.putrequest("GET", f"/storage/v1/b/{BUCKET}/o/alice%2Fmine.txt?alt=media")
+    for who in order:
+        connection.putheader("Authorization", f"Bearer {tokens[who]}")
+    connection.endheaders()
+    response = connection.getresponse()
+    body = response.read()
+    connection.close()
+    assert response.status == 400, body
+    assert json.loads(body)["error"]["message"] == "more than one authorization header"
+    assert relay.seen == []
