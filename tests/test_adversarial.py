@@ -404,6 +404,40 @@ def test_multipart_metadata_must_agree(proxy, seeded, relay, tokens, query, meta
     assert seeded.get_object(BUCKET, "alice/ok.txt") is None
 
 
+@pytest.mark.parametrize(
+    ("metadata", "message"),
+    [
+        (b'{"name": "alice/\\ud800x"}', "not Unicode text"),  # a lone surrogate, escaped
+        (b'{"name": "alice/n.txt", "metadata": {"k": NaN}}', "not valid JSON"),
+        (b'{"name": "alice/n.txt", "size": Infinity}', "not valid JSON"),
+        (b'{"name": "alice/n.txt", "metadata": ' + b'{"a": ' * 40 + b"1" + b"}" * 41, "nested"),
+        (b'{"name": "alice/n.txt", "metadata": ' + b'{"a": ' * 5000 + b"1" + b"}" * 5001, "JSON"),
+    ],
+    ids=["surrogate", "nan", "infinity", "deep", "deeper-than-python"],
+)
+def test_metadata_python_reads_but_json_cannot_carry_is_400(
+    proxy, seeded, relay, tokens, metadata, message
+):
+    """Found by a review: each was a 500 (a name that cannot be encoded; Python's
+    recursion limit), or NaN was forwarded upstream as invalid JSON."""
+    body = (
+        b"--b0undary\r\nContent-Type: application/json\r\n\r\n"
+        + metadata
+        + b"\r\n--b0undary\r\nContent-Type: text/plain\r\n\r\nDATA\r\n--b0undary--\r\n"
+    )
+    reply = call(
+        proxy,
+        "POST",
+        f"/upload/storage/v1/b/{BUCKET}/o?uploadType=multipart",
+        tokens["alice"],
+        body,
+        {"Content-Type": "multipart/related; boundary=b0undary"},
+    )
+    assert reply.status == 400, reply.body
+    assert message in reply.error()
+    assert relay.seen == []
+
+
 def test_multipart_into_someone_elses_prefix(proxy, seeded, relay, tokens):
     body, content_type = _multipart({"name": "bob/secret.txt"}, b"overwritten")
     reply = call(

@@ -10,6 +10,7 @@ from proxy.policy.evaluate import Access
 from proxy.policy.model import Verb
 
 MAX_METADATA_BYTES = 1 << 20
+MAX_METADATA_DEPTH = 32  # Cloud Storage's resources nest five levels at most
 
 WRITABLE = frozenset(
     {
@@ -63,12 +64,42 @@ def parse_metadata(body: bytes) -> dict[str, Any]:
     if not body.strip():
         return {}
     try:
-        value = json.loads(body)
-    except (ValueError, UnicodeDecodeError):
+        value = json.loads(body, parse_constant=_no_constant)
+    except (ValueError, UnicodeDecodeError, RecursionError):
         raise BadRequest("object metadata is not valid JSON") from None
     if not isinstance(value, dict):
         raise BadRequest("object metadata must be a JSON object")
+    _check_document(value)
     return value
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")  # Python's json reads NaN and Infinity
+
+
+def _check_document(document: dict[str, Any]) -> None:
+    """What Python's json accepts but JSON text cannot carry on: strings with lone
+    surrogates (escaped as \\ud800) and nesting no metadata needs."""
+    pending: list[tuple[Any, int]] = [(document, 1)]
+    while pending:
+        value, depth = pending.pop()
+        if depth > MAX_METADATA_DEPTH:
+            raise BadRequest(f"object metadata is nested deeper than {MAX_METADATA_DEPTH} levels")
+        if isinstance(value, dict):
+            for key, item in value.items():
+                _check_text(key)
+                pending.append((item, depth + 1))
+        elif isinstance(value, list):
+            pending.extend((item, depth + 1) for item in value)
+        elif isinstance(value, str):
+            _check_text(value)
+
+
+def _check_text(value: str) -> None:
+    try:
+        value.encode()
+    except UnicodeEncodeError:
+        raise BadRequest("object metadata holds a string that is not Unicode text") from None
 
 
 def checked_metadata(
