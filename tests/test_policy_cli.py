@@ -530,3 +530,37 @@ def test_diff_reads_revisions_from_git(capsys, tmp_path, monkeypatch):
     broken = write(repo / "broken.yaml", "version: 1\n")
     code, _, err = run(capsys, "diff", "HEAD:policies/", str(broken))
     assert code == 2 and f"{broken}:1: no issuers" in err
+
+
+def test_lint_warns_when_a_subject_folder_spans_issuers(capsys, tmp_path):
+    path = write(
+        tmp_path / "p.yaml",
+        """\
+        version: 1
+        issuers:
+          - {issuer: "https://accounts.google.com", audiences: [a]}
+          - {issuer: "https://login.example.com", audiences: [b]}
+        rules:
+          - id: homes
+            principals: [allAuthenticatedUsers]
+            bucket: data
+            prefixes: ["home/${sub}/"]
+            verbs: [read]
+          - id: robot-home
+            principals: ["subject:https://accounts.google.com#42"]
+            bucket: data
+            prefixes: ["robots/${sub}/"]
+            verbs: [read]
+        """,
+    )
+    code, out, _ = run(capsys, "lint", str(path))
+    assert code == 1
+    assert out.splitlines() == [
+        f"{path}:6: warning: rule 'homes': prefix 'home/${{sub}}/' is shared by callers of 2 "
+        "issuers with the same subject (a subject is unique only within its issuer: "
+        "https://accounts.google.com, https://login.example.com); use ${email}, or "
+        "subject: principals of one issuer",
+        "1 warning(s)",
+    ]
+    one = write(tmp_path / "one.yaml", path.read_text().replace('  - {issuer: "https://login', "#"))
+    assert run(capsys, "lint", str(one))[0] == 0

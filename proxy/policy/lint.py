@@ -44,6 +44,7 @@ def lint(policy: Policy) -> list[LintWarning]:
         *_service_accounts_as_users(policy),
         *_unused_groups(policy),
         *_unmatchable_issuers(policy),
+        *_subjects_across_issuers(policy),
     ]
     return sorted(found, key=lambda w: (w.source.file, w.source.line, w.message))
 
@@ -197,3 +198,20 @@ def _unmatchable_issuers(policy: Policy) -> Iterator[LintWarning]:
             "no allow rule can match its callers (every allow rule names only other "
             "issuers' subject: principals)",
         )
+
+
+def _subjects_across_issuers(policy: Policy) -> Iterator[LintWarning]:
+    """`${sub}` gives each caller a place of their own only within one issuer: OIDC makes a
+    subject unique per issuer, so two issuers' callers can share one."""
+    issuers = sorted({i.issuer for i in policy.issuers})
+    if len(issuers) < 2:
+        return
+    for rule in _allows(policy):
+        templated = [p for p in rule.prefixes if "${sub}" in p]
+        if templated and any(not m.startswith("subject:") for _, m in _members(policy, rule)):
+            yield _warn(
+                rule,
+                f"prefix {templated[0]!r} is shared by callers of {len(issuers)} issuers with "
+                "the same subject (a subject is unique only within its issuer: "
+                f"{', '.join(issuers)}); use ${{email}}, or subject: principals of one issuer",
+            )
