@@ -26,6 +26,10 @@ log = logging.getLogger(__name__)
 
 # Give a writer that is still busy a moment, so a half-written file is not reported broken.
 SETTLE_SECONDS = 0.2
+# A policy refused only because an issuer's keys could not be fetched is tried again, after
+# these many seconds, doubling: the file on disk must win once it can load, and every
+# worker must get there (each reloads on its own).
+RETRY_FIRST, RETRY_MOST = 1.0, 60.0
 Fingerprint = tuple[tuple[object, ...], ...]
 
 
@@ -61,6 +65,10 @@ def _issuer_settings(issuers: Sequence[Issuer]) -> tuple[Issuer, ...]:
     return tuple(dataclasses.replace(i, source=None) for i in issuers)
 
 
+class KeysUnavailable(PolicyError):
+    """A policy that loaded, refused because some issuer's keys could not be fetched now."""
+
+
 class PolicyReloader:
     """Replaces `components.policy` (and the verifier, if issuers changed) with a new policy,
     but only one that loaded completely; otherwise the last good policy stays in force."""
@@ -84,6 +92,8 @@ class PolicyReloader:
         self._transform = transform
         self._hangup = asyncio.Event()
         self._signature: Fingerprint = ()
+        self._retry_delay = RETRY_FIRST
+        self._retry_at: float | None = None  # loop time of the next try of a refused policy
 
     def start(self) -> asyncio.Task[None]:
         """Install the SIGHUP handler now (so an early SIGHUP cannot kill us) and start watching."""
@@ -104,13 +114,22 @@ class PolicyReloader:
                     await self.reload("SIGHUP")
                 elif await self._changed_on_disk():
                     await self.reload("policy changed on disk")
+                elif self._retry_at is not None and self._retry_at <= self._loop_time():
+                    await self.reload("retrying: issuer keys were unavailable")
         finally:
             self._remove_signal_handler()
             for task in self._key_tasks:
                 task.cancel()
 
+    @staticmethod
+    def _loop_time() -> float:
+        return asyncio.get_running_loop().time()
+
     async def _wait_for_hangup(self) -> bool:
         timeout = self._interval if self._interval > 0 else None
+        if self._retry_at is not None:
+            until_retry = max(0.0, self._retry_at - self._loop_time())
+            timeout = until_retry if timeout is None else min(timeout, until_retry)
         try:
             await asyncio.wait_for(self._hangup.wait(), timeout)
         except TimeoutError:
@@ -137,16 +156,25 @@ class PolicyReloader:
             if policy.revision == current.revision:
                 if not quiet:
                     log.info("policy unchanged (%s): revision %s", why, current.revision)
+                self._retry_at = None
                 return True
             index = await asyncio.to_thread(compile_policy, policy)
             verifier = await self._verifier_for(policy, current)
-        except PolicyError as exc:
+        except KeysUnavailable as exc:
             self._failed(why, current, exc.errors)
+            self._retry_at = self._loop_time() + self._retry_delay
+            self._retry_delay = min(self._retry_delay * 2, RETRY_MOST)
+            return False
+        except PolicyError as exc:  # the file itself: trying it again gives the same answer
+            self._failed(why, current, exc.errors)
+            self._retry_at = None
             return False
         except Exception as exc:
             log.exception("policy reload crashed")
             self._failed(why, current, [f"{self.path}: {type(exc).__name__}: {exc}"])
+            self._retry_at = None
             return False
+        self._retry_at, self._retry_delay = None, RETRY_FIRST
         self._swap(index, verifier)
         self.stats.ok += 1
         log.info(
@@ -176,7 +204,7 @@ class PolicyReloader:
             if not ok
         ]
         if errors:
-            raise PolicyError(errors)
+            raise KeysUnavailable(errors)
         return verifier
 
     def _swap(self, index: PolicyIndex, verifier: JwtVerifier | None) -> None:

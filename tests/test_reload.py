@@ -14,8 +14,9 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from aiohttp import web
 
-from proxy.devserver.issuer import DevIssuer
+from proxy.devserver.issuer import DevIssuer, bind_socket, http_url, serve_socket
 from proxy.policy import load_policy
 from tests.support.fakegcs import FakeGcs
 from tests.support.proxyproc import ProxyProcess, isolated_env
@@ -233,3 +234,46 @@ def test_changed_issuers_are_trusted_only_once_their_keys_are_fetched(tmp_path, 
     eventually(lambda: fetch(proxy, dev_issuer, ALICE, audience="aud-2") == 200)
     assert fetch(proxy, dev_issuer, ALICE, audience="aud-1") == 401
     assert readyz(proxy) == (200, {"ready": True, "policy_revision": load_policy(policy).revision})
+
+
+def test_a_policy_refused_for_unavailable_keys_is_tried_again(
+    tmp_path, start, dev_issuer, loop_thread
+):
+    """The file on disk wins once it can load. Found by a review: a reload refused because
+    a new issuer's keys could not be fetched was never tried again, so a grant the file
+    had removed stayed in force (and with --workers, one worker could keep it while the
+    other dropped it) until someone touched the file again."""
+    keys_up = False
+
+    async def jwks(_: web.Request) -> web.Response:
+        if keys_up:
+            return web.json_response(dev_issuer.jwks())
+        return web.Response(status=500, text="down")
+
+    app = web.Application()
+    app.router.add_get("/jwks", jwks)
+    sock = bind_socket("127.0.0.1", 0)
+    jwks_url = http_url("127.0.0.1", sock.getsockname()[1]) + "/jwks"
+    runner = loop_thread.run(serve_socket(app, sock))
+    try:
+        policy = tmp_path / "policy.yaml"
+        policy.write_text(policy_text(dev_issuer, readers=f'"user:{ALICE}"'))
+        proxy = start(policy)
+        assert fetch(proxy, dev_issuer, ALICE) == 200
+        # Alice's read moves to mallory, and an issuer whose keys are down arrives.
+        second = f"issuers:\n  - issuer: https://second.example\n    jwks_uri: {jwks_url}\n"
+        second += "    audiences: [elsewhere]\n"
+        edited = policy_text(dev_issuer, readers=f'"user:{MALLORY}"').replace("issuers:\n", second)
+        replace_file(policy, edited)
+        eventually(lambda: "policy reload rejected" in proxy.output())
+        assert fetch(proxy, dev_issuer, ALICE) == 200  # the last good policy, meanwhile
+        keys_up = True
+        eventually(lambda: fetch(proxy, dev_issuer, ALICE) == 403, timeout=10)
+        assert fetch(proxy, dev_issuer, MALLORY) == 200
+        assert "retrying: issuer keys were unavailable" in proxy.output()
+        assert readyz(proxy) == (
+            200,
+            {"ready": True, "policy_revision": load_policy(policy).revision},
+        )
+    finally:
+        loop_thread.run(runner.cleanup())
