@@ -320,3 +320,29 @@ def test_template_values_are_not_expanded_again(tmp_path, email, subject, victim
     # Their own, literal values still match.
     assert decide(index, identity, "read", f"gs://bkt/home/{email}/x").allowed
     assert decide(index, identity, "read", f"gs://bkt/sub/{subject}/x").allowed
+
+
+@pytest.mark.parametrize(
+    "header",
+    ["Authorization", "cookie", "user-agent", "x-goog-api-client", "range", "traceparent"],
+)
+def test_a_token_header_must_not_be_one_the_sidecar_forwards_logs_or_reads(tmp_path, header):
+    """Found by a review: `header: user-agent` passed `policy check`, and the caller's ID
+    token then went upstream, into the audit line and into the span."""
+    path = write(
+        tmp_path,
+        f"""\
+        version: 1
+        issuers:
+          - issuer: "https://login.example.com"
+            audiences: [a]
+            header: {header}
+        rules: []
+        """,
+    )
+    assert errors_of(path) == [
+        f"{path}:5: header {header!r} cannot carry an issuer's token: the sidecar forwards, "
+        "logs or reads it for another purpose"
+    ]
+    fine = write(tmp_path, path.read_text().replace(f"header: {header}", "header: x-my-idp-jwt"))
+    assert load_policy(fine).issuers[0].header == "x-my-idp-jwt"

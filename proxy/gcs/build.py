@@ -5,37 +5,10 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 from proxy.errors import SERVER
+from proxy.gcs.headers import FORWARDED_REQUEST_HEADERS
 from proxy.gcs.operation import Api, Kind, Operation
 from proxy.gcs.rawurl import encode_query, encode_segment
 
-# Request headers a caller may send on to Cloud Storage; everything else is dropped.
-FORWARDED_REQUEST_HEADERS = frozenset(
-    {
-        "accept",
-        "accept-encoding",
-        "cache-control",
-        "content-md5",
-        "content-range",
-        "if-match",
-        "if-modified-since",
-        "if-none-match",
-        "if-unmodified-since",
-        "range",
-        "user-agent",
-        "x-goog-api-client",
-        "x-goog-gcs-idempotency-token",
-        "x-goog-encryption-algorithm",
-        "x-goog-encryption-key",
-        "x-goog-encryption-key-sha256",
-        "x-goog-copy-source-encryption-algorithm",
-        "x-goog-copy-source-encryption-key",
-        "x-goog-copy-source-encryption-key-sha256",
-        "x-goog-hash",
-        "x-upload-content-type",
-        "x-upload-content-length",
-        "x-guploader-no-308",  # Go clients ask for 200 + X-Http-Status-Code-Override instead of 308
-    }
-)
 # Response headers never sent back to the caller.
 DROPPED_RESPONSE_HEADERS = frozenset(
     {

@@ -13,6 +13,7 @@ from urllib.parse import urlsplit
 import yaml
 from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
+from proxy.gcs.headers import RESERVED_REQUEST_HEADERS
 from proxy.policy.model import (
     ALL_VERBS,
     TEMPLATE_VARIABLES,
@@ -294,8 +295,12 @@ class _Builder:
             if header is not None and not _HEADER.match(header):
                 self.error(fields["header"], f"header {header!r} is not a valid header name")
                 ok = False
-            elif header is not None and header.lower() in {"authorization", "cookie", "host"}:
-                self.error(fields["header"], f"header {header!r} cannot carry an issuer's token")
+            elif header is not None and header.lower() in RESERVED_REQUEST_HEADERS:
+                self.error(
+                    fields["header"],
+                    f"header {header!r} cannot carry an issuer's token: the sidecar forwards, "
+                    "logs or reads it for another purpose",
+                )
                 ok = False
         jwks_uri = self.url(fields["jwks_uri"], "jwks_uri") if "jwks_uri" in fields else None
         algorithms: list[str] = []
