@@ -31,7 +31,16 @@ from proxy.gcs.parse import parse_request
 from proxy.gcs.sessions import InvalidSession, SessionSealer, UploadSession
 from proxy.limits import Handler, Limits, body_deadline, limit_requests
 from proxy.observe import authenticating, authorizing, calling_upstream, trace_and_audit
-from proxy.policy import Access, Decision, Identity, PolicyIndex, Verb, evaluate, evaluate_all
+from proxy.policy import (
+    Access,
+    Decision,
+    Identity,
+    PolicyIndex,
+    Verb,
+    evaluate,
+    evaluate_all,
+    may_be_granted,
+)
 
 log = logging.getLogger(__name__)
 __all__ = ["Components", "admin_app", "data_server"]
@@ -74,7 +83,9 @@ async def handle(
     request: web.BaseRequest, components: Components, limits: Limits
 ) -> web.StreamResponse:
     """authenticate → parse → authorise → forward."""
-    policy = components.policy  # one revision decides the whole request, even across a reload
+    # One revision decides the request, even across a reload: the one in force when the
+    # decision is made, after any metadata body (a slow body must not outlast a revocation).
+    policy = components.policy
     record: audit.AuditRecord = request[RECORD]
     tracer = components.telemetry.tracer
     waiting = _expects_continue(request)
@@ -87,9 +98,16 @@ async def handle(
     if session is not None:
         operation = _in_session(operation, session)
     operation = _open_page_token(components.sessions, operation, identity)
+    if operation.kind in METADATA_BODIES and policy.enforcing:
+        _describe(record, operation)
+        with authorizing(tracer, record):
+            _refuse_before_the_body(policy, identity, operation, record)
     if waiting and operation.kind not in STREAMED_BODIES:
         await _continue(request)  # the metadata in the body is needed to decide
     operation, body = await _read_body(request, operation, limits)
+    if components.policy is not policy:  # reloaded while the body came: the newest decides
+        policy = components.policy
+        _check_billing(operation, policy)
     _describe(record, operation)
     with authorizing(tracer, record):
         operation = authorize(policy, identity, operation, record)
@@ -104,6 +122,19 @@ async def handle(
 
 # Bodies read_body leaves streaming (nothing in them is needed to decide).
 STREAMED_BODIES = frozenset({Kind.INSERT_MEDIA, Kind.RESUMABLE_CHUNK})
+# Bodies read whole (bounded) because their metadata completes the decision.
+METADATA_BODIES = frozenset(
+    {
+        Kind.INSERT_MULTIPART,
+        Kind.RESUMABLE_START,
+        Kind.PATCH,
+        Kind.UPDATE,
+        Kind.COPY,
+        Kind.REWRITE,
+        Kind.COMPOSE,
+        Kind.ACL,
+    }
+)
 
 
 def _expects_continue(request: web.BaseRequest) -> bool:
@@ -183,6 +214,28 @@ def _open_page_token(sealer: SessionSealer, operation: Operation, identity: Iden
 def _in_session(operation: Operation, session: UploadSession) -> Operation:
     access = Access(Verb.WRITE, session.bucket, session.object)
     return replace(operation, object=session.object, accesses=(access,))
+
+
+def _refuse_before_the_body(
+    policy: PolicyIndex, identity: Identity, operation: Operation, record: audit.AuditRecord
+) -> None:
+    """What the URL already says is decided before a metadata body is read, so a caller
+    with no grant there cannot hold a request slot for the body timeout. The body only
+    adds needs (its names must agree with the URL's), so a refusal here is final; an
+    allowance is not, and `authorize` decides again once the body is in."""
+    if operation.accesses:
+        authorize(policy, identity, operation, record)  # raises Forbidden if refused
+        return
+    bucket = operation.bucket  # an upload naming its object in the body only
+    if not may_be_granted(policy, identity, Verb.WRITE, bucket):
+        decision = Decision(
+            False,
+            Access(Verb.WRITE, bucket, ""),
+            None,
+            f"no rule grants write on any object of gs://{bucket}/",
+        )
+        _record_decision(record, decision, policy)
+        raise Forbidden(f"{identity.display} does not have write access to gs://{bucket}/")
 
 
 def authorize(

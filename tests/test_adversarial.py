@@ -1041,3 +1041,57 @@ def test_two_authorization_headers_are_refused_not_chosen_between(
     assert response.status == 400, body
     assert json.loads(body)["error"]["message"] == "more than one authorization header"
     assert relay.seen == []
+
+
+@pytest.mark.parametrize(
+    ("who", "head", "resource"),
+    [
+        # No grant of any kind in the bucket: the body's name cannot matter.
+        (
+            "mallory",
+            f"POST /upload/storage/v1/b/{OTHER}/o?uploadType=multipart HTTP/1.1\r\n",
+            f"gs://{OTHER}/",
+        ),
+        (
+            "mallory",
+            f"POST /upload/storage/v1/b/{OTHER}/o?uploadType=resumable HTTP/1.1\r\n",
+            f"gs://{OTHER}/",
+        ),
+        # The URL names an object outside the caller's grant.
+        (
+            "mallory",
+            f"PATCH /storage/v1/b/{BUCKET}/o/alice%2Fmine.txt HTTP/1.1\r\n",
+            f"gs://{BUCKET}/alice/mine.txt",
+        ),
+        (
+            "alice",
+            f"POST /storage/v1/b/{BUCKET}/o/bob%2Fnew.txt/compose HTTP/1.1\r\n",
+            f"gs://{BUCKET}/bob/new.txt",
+        ),
+    ],
+    ids=["multipart", "resumable-start", "patch", "compose"],
+)
+def test_refused_before_a_metadata_body_arrives(proxy, seeded, relay, tokens, who, head, resource):
+    """Found by a review: a token valid for the audience but with no grant at all could
+    hold a request slot for the whole body timeout (60 s) by sending a metadata body
+    slowly, and --max-concurrent of them starved everyone. The URL's part of the
+    decision now comes first: the refusal arrives with most of the body still unsent."""
+    audited = len(proxy.audit_records(resource, timeout=0))
+    with socket.create_connection(("127.0.0.1", proxy.port), timeout=10) as sock:
+        sock.sendall(
+            (
+                f"{head}Host: x\r\nAuthorization: Bearer {tokens[who]}\r\n"
+                "Content-Type: multipart/related; boundary=B\r\nContent-Length: 100000\r\n\r\n"
+                "--B\r\n"
+            ).encode()
+        )
+        started = time.monotonic()
+        reply = sock.recv(65536)
+    assert reply.split(b" ", 2)[1] == b"403", reply[:200]
+    assert time.monotonic() - started < 5  # not the body timeout
+    assert relay.seen == []
+    deadline = time.monotonic() + 5
+    while len(records := proxy.audit_records(resource, timeout=0)) == audited:
+        assert time.monotonic() < deadline, "the early refusal is audited like any other"
+        time.sleep(0.05)
+    assert records[-1]["audit"]["decision"] == "deny"

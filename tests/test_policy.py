@@ -17,7 +17,7 @@ from proxy.policy import (
     evaluate,
     load_policy,
 )
-from proxy.policy.evaluate import evaluate_all
+from proxy.policy.evaluate import evaluate_all, may_be_granted
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "policies" / "example.yaml"
 GOOGLE = "https://accounts.google.com"
@@ -346,3 +346,23 @@ def test_a_token_header_must_not_be_one_the_sidecar_forwards_logs_or_reads(tmp_p
     ]
     fine = write(tmp_path, path.read_text().replace(f"header: {header}", "header: x-my-idp-jwt"))
     assert load_policy(fine).issuers[0].header == "x-my-idp-jwt"
+
+
+def test_may_be_granted_asks_whether_any_prefix_of_the_bucket_could_allow(tmp_path):
+    path = write(
+        tmp_path,
+        f"""
+        version: 1
+        issuers: [{{issuer: "{GOOGLE}", audiences: [a]}}]
+        rules:
+          - {{id: homes, principals: [allAuthenticatedUsers], bucket: homes, prefixes: ["h/${{email}}/"], verbs: [write]}}
+          - {{id: reports, principals: ["user:alice@example.com"], bucket: data, prefixes: ["r/"], verbs: [read]}}
+          - {{id: no-writes, effect: deny, principals: ["user:alice@example.com"], bucket: data, prefixes: [""], verbs: [write]}}
+        """,
+    )
+    index = compile_policy(load_policy(path))
+    alice = Identity(GOOGLE, "1", "alice@example.com")
+    assert may_be_granted(index, alice, Verb.WRITE, "homes")  # a template counts
+    assert may_be_granted(index, alice, Verb.READ, "data")
+    assert not may_be_granted(index, alice, Verb.WRITE, "data")  # only a deny mentions it
+    assert not may_be_granted(index, alice, Verb.READ, "elsewhere")

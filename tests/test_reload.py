@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import textwrap
 import time
 import urllib.error
@@ -277,3 +278,35 @@ def test_a_policy_refused_for_unavailable_keys_is_tried_again(
         )
     finally:
         loop_thread.run(runner.cleanup())
+
+
+def test_a_revocation_during_a_metadata_body_decides_the_upload(tmp_path, start, dev_issuer):
+    """Found by a review: the revision in force when the headers arrived decided, so a
+    grant revoked while a multipart body was still coming (up to the body timeout)
+    still let the object be written."""
+    policy = tmp_path / "policy.yaml"
+    policy.write_text(
+        policy_text(dev_issuer, readers=f'"user:{ALICE}"').replace("[read, list]", "[read, write]")
+    )
+    proxy = start(policy, "--reload-interval", "0")
+    token = dev_issuer.mint(audience=AUD, subject="alice", email=ALICE)
+    body = (
+        b'--B\r\nContent-Type: application/json\r\n\r\n{"name": "team/late.txt"}\r\n'
+        b"--B\r\nContent-Type: text/plain\r\n\r\nDATA\r\n--B--\r\n"
+    )
+    head = (
+        f"POST /upload/storage/v1/b/{BUCKET}/o?uploadType=multipart HTTP/1.1\r\nHost: x\r\n"
+        f"Authorization: Bearer {token}\r\nContent-Type: multipart/related; boundary=B\r\n"
+        f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
+    ).encode()
+    with socket.create_connection(("127.0.0.1", proxy.port), timeout=20) as sock:
+        sock.sendall(head + body[:10])
+        replace_file(policy, policy_text(dev_issuer, readers=f'"user:{ALICE}"'))
+        proxy.process.send_signal(signal.SIGHUP)
+        eventually(lambda: "policy reloaded (SIGHUP)" in proxy.output())
+        sock.sendall(body[10:])
+        reply = b""
+        while chunk := sock.recv(65536):
+            reply += chunk
+    assert reply.split(b" ", 2)[1] == b"403", reply[:300]
+    assert proxy.audit_records(f"gs://{BUCKET}/team/late.txt")[-1]["audit"]["decision"] == "deny"

@@ -7,6 +7,7 @@ from proxy.policy.evaluate import (
     compile_policy,
     evaluate,
     evaluate_all,
+    may_be_granted,
 )
 from proxy.policy.load import PolicyError, load_policy, parse_policy
 from proxy.policy.model import Effect, Identity, Issuer, Mode, Policy, Rule, Verb
@@ -27,5 +28,6 @@ __all__ = [
     "evaluate",
     "evaluate_all",
     "load_policy",
+    "may_be_granted",
     "parse_policy",
 ]

@@ -108,6 +108,11 @@ class _PrefixTable:
             self.lengths.append(key)
             self.lengths.sort()
 
+    def allows_somewhere(self, verb: Verb) -> bool:
+        """Whether some prefix has an allow rule for `verb` (templated ones included)."""
+        templated = (slot for slots in self.templates.values() for slot in slots.values())
+        return any(verb in slot.allow for slot in (*self.static.values(), *templated))
+
     def slots(self, identity: Identity, path: str) -> list[_Slot]:
         found: list[_Slot] = []
         for length in self.lengths:
@@ -185,6 +190,16 @@ def evaluate(index: PolicyIndex, identity: Identity, access: Access) -> Decision
     if allow is not None:
         return Decision(True, access, allow.rule, f"allowed by rule {allow.rule.id!r}")
     return Decision(False, access, None, f"no rule grants {access.verb.value} on {access.resource}")
+
+
+def may_be_granted(index: PolicyIndex, identity: Identity, verb: Verb, bucket: str) -> bool:
+    """Whether any allow rule could grant `verb` on some object of `bucket` to `identity`:
+    False means every object there is refused, whatever its name turns out to be."""
+    for principal in identity.principals():
+        table = index.tables.get((principal, bucket))
+        if table is not None and table.allows_somewhere(verb):
+            return True
+    return False
 
 
 def evaluate_all(index: PolicyIndex, identity: Identity, accesses: tuple[Access, ...]) -> Decision:
