@@ -410,10 +410,11 @@ def test_multipart_metadata_must_agree(proxy, seeded, relay, tokens, query, meta
         (b'{"name": "alice/\\ud800x"}', "not Unicode text"),  # a lone surrogate, escaped
         (b'{"name": "alice/n.txt", "metadata": {"k": NaN}}', "not valid JSON"),
         (b'{"name": "alice/n.txt", "size": Infinity}', "not valid JSON"),
+        (b'{"name": "alice/n.txt", "metadata": {"k": 1e400}}', "out of range"),
         (b'{"name": "alice/n.txt", "metadata": ' + b'{"a": ' * 40 + b"1" + b"}" * 41, "nested"),
         (b'{"name": "alice/n.txt", "metadata": ' + b'{"a": ' * 5000 + b"1" + b"}" * 5001, "JSON"),
     ],
-    ids=["surrogate", "nan", "infinity", "deep", "deeper-than-python"],
+    ids=["surrogate", "nan", "infinity", "overflow", "deep", "deeper-than-python"],
 )
 def test_metadata_python_reads_but_json_cannot_carry_is_400(
     proxy, seeded, relay, tokens, metadata, message

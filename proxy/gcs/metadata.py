@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from typing import Any
 
 from proxy.errors import BadRequest, PayloadTooLarge
@@ -79,7 +80,8 @@ def _no_constant(name: str) -> Any:
 
 def _check_document(document: dict[str, Any]) -> None:
     """What Python's json accepts but JSON text cannot carry on: strings with lone
-    surrogates (escaped as \\ud800) and nesting no metadata needs."""
+    surrogates (escaped as \\ud800), numbers beyond a double (Python writes them back
+    as Infinity) and nesting no metadata needs."""
     pending: list[tuple[Any, int]] = [(document, 1)]
     while pending:
         value, depth = pending.pop()
@@ -93,6 +95,8 @@ def _check_document(document: dict[str, Any]) -> None:
             pending.extend((item, depth + 1) for item in value)
         elif isinstance(value, str):
             _check_text(value)
+        elif isinstance(value, float) and not math.isfinite(value):  # 1e400 reads as inf
+            raise BadRequest("object metadata holds a number out of range")
 
 
 def _check_text(value: str) -> None:
