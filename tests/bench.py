@@ -157,10 +157,8 @@ class Bench:
         self.token = self.mint("bench@example.com")
         self.headers = {"Authorization": f"Bearer {self.token}"}
         self.policy = write_policy(self.tmp, self.issuer)
-        # The image's interpreter settings (PYTHONDONTWRITEBYTECODE, ...), not its addresses.
-        image = dockerfile.load(ROOT / "Dockerfile")[-1].env()
-        for name in ("PATH", "PROXY_LISTEN", "PROXY_ADMIN_LISTEN"):
-            image.pop(name)
+        # The image's interpreter settings (PYTHONDONTWRITEBYTECODE, ...).
+        image = dockerfile.image_env(ROOT / "Dockerfile")
         self.env = isolated_env(self.tmp, metadata_port, **image)
         self.gcs = FakeGcs().start()
         self._cleanups.append(self.gcs.stop)

@@ -17,6 +17,7 @@ import textwrap
 import time
 import urllib.error
 import urllib.request
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -97,6 +98,8 @@ def installed(tmp_path_factory: pytest.TempPathFactory) -> Path:
     run(*pip, *image_pip(build, "install", ".whl", local), "--quiet")
     run(*pip, "check")
     run(*pip, *image_pip(build, "uninstall", "pip", local))
+    [compile_venv] = dockerfile.module_commands(build, "compileall")
+    run("sh", "-c", compile_venv.replace("/opt/venv", str(venv)))
     return venv
 
 
@@ -146,6 +149,16 @@ def compile_watch(tmp_path_factory: pytest.TempPathFactory) -> Path:
     where = tmp_path_factory.mktemp("watch")
     (where / "sitecustomize.py").write_text(COMPILE_WATCH)
     return where
+
+
+def test_installed_bytecode_never_consults_source_timestamps(installed: Path):
+    """pip compiles with timestamp checks; the build stage must replace all of it (a
+    review found compileall without -f keeping every one of pip's files)."""
+    kinds = Counter()
+    for cached in installed.glob("lib/python3*/site-packages/**/__pycache__/*.pyc"):
+        flags = int.from_bytes(cached.read_bytes()[4:8], "little")
+        kinds[{0: "timestamp", 1: "unchecked-hash", 3: "checked-hash"}[flags]] += 1
+    assert set(kinds) == {"unchecked-hash"} and kinds["unchecked-hash"] > 500, kinds
 
 
 def test_installed_environment_holds_the_lock_and_the_project_only(installed: Path, tmp_path: Path):
@@ -198,9 +211,7 @@ def served(
     fake_gcs.put_object(BUCKET, "reports/q1.csv", b"region,total\nemea,42\n")
     port, admin = free_port(), free_port()
     _, metadata_port = metadata_server
-    image_env = dockerfile.load(ROOT / "Dockerfile")[-1].env()
-    image_env.pop("PATH")
-    env = isolated_env(tmp_path, metadata_port, **image_env)
+    env = isolated_env(tmp_path, metadata_port, **dockerfile.image_env(ROOT / "Dockerfile"))
     env.update(
         PROXY_LISTEN=f"127.0.0.1:{port}",
         PROXY_ADMIN_LISTEN=f"127.0.0.1:{admin}",  # the image's 0.0.0.0 is for probes

@@ -82,3 +82,12 @@ def module_commands(stage: Stage, module: str) -> list[str]:
         for command in run.split("&&")
         if f"-m {module} " in command
     ]
+
+
+def image_env(path: Path) -> dict[str, str]:
+    """The final stage's ENV as a process here needs it: the interpreter settings, without
+    PATH (the image's) and the listen addresses (each caller picks its own ports)."""
+    env = load(path)[-1].env()
+    for name in ("PATH", "PROXY_LISTEN", "PROXY_ADMIN_LISTEN"):
+        env.pop(name, None)
+    return env
