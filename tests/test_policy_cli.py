@@ -564,3 +564,10 @@ def test_lint_warns_when_a_subject_folder_spans_issuers(capsys, tmp_path):
     ]
     one = write(tmp_path / "one.yaml", path.read_text().replace('  - {issuer: "https://login', "#"))
     assert run(capsys, "lint", str(one))[0] == 0
+    # subject: principals of two issuers share robots/42/ as much as anyone does.
+    two = path.read_text().replace(
+        '["subject:https://accounts.google.com#42"]',
+        '["subject:https://accounts.google.com#42", "subject:https://login.example.com#42"]',
+    )
+    code, out, _ = run(capsys, "lint", str(write(tmp_path / "two.yaml", two)))
+    assert code == 1 and "rule 'robot-home': prefix 'robots/${sub}/' is shared" in out

@@ -208,7 +208,14 @@ def _subjects_across_issuers(policy: Policy) -> Iterator[LintWarning]:
         return
     for rule in _allows(policy):
         templated = [p for p in rule.prefixes if "${sub}" in p]
-        if templated and any(not m.startswith("subject:") for _, m in _members(policy, rule)):
+        members = [m for _, m in _members(policy, rule)]
+        # Who can match: a subject: principal's own issuer; any other principal, every issuer.
+        spans = {
+            m.removeprefix("subject:").rpartition("#")[0]
+            for m in members
+            if m.startswith("subject:")
+        }
+        if templated and (len(spans) > 1 or any(not m.startswith("subject:") for m in members)):
             yield _warn(
                 rule,
                 f"prefix {templated[0]!r} is shared by callers of {len(issuers)} issuers with "
