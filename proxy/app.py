@@ -7,7 +7,7 @@ import logging
 from dataclasses import replace
 from typing import Any
 
-from aiohttp import HttpVersion11, web
+from aiohttp import HttpVersion11, http_exceptions, web
 from aiohttp.web_protocol import RequestHandler
 
 from proxy import audit
@@ -328,6 +328,19 @@ def data_server(components: Components, limits: Limits | None = None, **options:
     return _Server(limited, access_log=None, **options)
 
 
+# What was wrong, by the parser's exception: never its message, which quotes the bytes.
+_REFUSED_HEADS: dict[type[BaseException], str] = {
+    http_exceptions.LineTooLong: "the request line or a header is too long",
+    http_exceptions.InvalidHeader: "a header is not valid",
+    http_exceptions.BadHttpMethod: "the method is not an HTTP method",
+    http_exceptions.BadStatusLine: "the request line is not valid",
+    http_exceptions.InvalidURLError: "the request target is not valid",
+    http_exceptions.TransferEncodingError: "the chunked body is not valid",
+    http_exceptions.ContentLengthError: "the body does not match its length",
+    http_exceptions.ContentEncodingError: "the body's Content-Encoding cannot be decoded",
+}
+
+
 class _Server(web.Server):
     """aiohttp's low-level server whose connections answer its own refusals our way."""
 
@@ -351,15 +364,18 @@ class _Connection(RequestHandler):
         message: str | None = None,
     ) -> web.StreamResponse:
         if status == 400:
-            log.warning(
+            said = _REFUSED_HEADS.get(type(exc), "not valid HTTP/1.1") if exc else "not valid"
+            # A first line that is no HTTP at all (a TLS hello, a port scan) is noise.
+            quiet = isinstance(exc, http_exceptions.BadHttpMethod) and self._request_count == 1
+            (log.debug if quiet else log.warning)(
                 "refused a malformed HTTP request from %s (%s)",
                 request.remote,
                 type(exc).__name__ if exc else "bad request",
             )
-            body = BadRequest("Malformed HTTP request: not valid HTTP/1.1").body()
+            body = BadRequest(f"Malformed HTTP request: {said}").body()
         else:  # the pipeline renders its own errors: this is a defect, worth a traceback
             log.error("error %s answering a request from %s", status, request.remote, exc_info=exc)
-            body = error_body(status, "internalError", "Internal error")
+            body = error_body(status, ProxyError.reason, "internal error")  # as render_errors
         if request.writer.output_size > 0:  # as aiohttp: an answer has begun, drop the link
             raise ConnectionError("an answer was already under way")
         response = json_error(status, body)

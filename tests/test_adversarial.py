@@ -1096,3 +1096,25 @@ def test_refused_before_a_metadata_body_arrives(proxy, seeded, relay, tokens, wh
         assert time.monotonic() < deadline, "the early refusal is audited like any other"
         time.sleep(0.05)
     assert records[-1]["audit"]["decision"] == "deny"
+
+
+def test_refused_heads_say_what_was_wrong_without_quoting_it(proxy, seeded, relay, tokens):
+    long_header = "x-padding: " + "p" * 20_000
+    reply = raw_exchange(
+        proxy,
+        f"GET /storage/v1/b/{BUCKET}/o HTTP/1.1\r\nHost: x\r\n{long_header}\r\n\r\n".encode(),
+    )
+    body = json.loads(reply.partition(b"\r\n\r\n")[2])
+    assert body["error"]["message"] == (
+        "Malformed HTTP request: the request line or a header is too long"
+    )
+    assert b"ppppp" not in reply
+
+
+def test_a_tls_hello_on_the_plain_port_is_not_worth_a_warning(proxy, seeded):
+    before = len(proxy.output())
+    hello = bytes.fromhex("16030100a5010000a10303") + b"\x00" * 64
+    reply = raw_exchange(proxy, hello)
+    assert reply.split(b" ", 2)[1] == b"400"
+    time.sleep(0.3)
+    assert "refused a malformed" not in proxy.output()[before:]
