@@ -37,6 +37,7 @@ from proxy.policy import (
     Identity,
     PolicyIndex,
     Verb,
+    carved_out,
     evaluate,
     evaluate_all,
     may_be_granted,
@@ -253,7 +254,28 @@ def authorize(
         if not evaluate(policy, identity, overwrite).allowed:
             # write without delete: create only, as Cloud Storage IAM would have it.
             return operation.with_param("ifGenerationMatch", "0")
+    if operation.kind is Kind.LIST and policy.enforcing:
+        _no_probing_carve_outs(policy, identity, operation, decision.access)
     return operation
+
+
+# List parameters that pick where a listing starts or which names it matches.
+_PROBES = ("startOffset", "endOffset", "matchGlob")
+
+
+def _no_probing_carve_outs(
+    policy: PolicyIndex, identity: Identity, operation: Operation, access: Access
+) -> None:
+    """The list filter drops what a deny rule hides inside a granted prefix, but each
+    dropped item still shapes its page (an empty or short page with a next token). With
+    offsets or a glob chosen freely, a caller could bisect on that and spell out hidden
+    names (found by a review). Over such a carve-out, those parameters are refused."""
+    probes = [name for name, _ in operation.params if name in _PROBES]
+    if probes and carved_out(policy, identity, access):
+        raise Forbidden(
+            f"{identity.display} may not use {', '.join(probes)} listing {access.resource}: "
+            "it holds objects they may not list"
+        )
 
 
 def _plan(

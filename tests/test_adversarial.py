@@ -1118,3 +1118,27 @@ def test_a_tls_hello_on_the_plain_port_is_not_worth_a_warning(proxy, seeded):
     assert reply.split(b" ", 2)[1] == b"400"
     time.sleep(0.3)
     assert "refused a malformed" not in proxy.output()[before:]
+
+
+@pytest.mark.parametrize(
+    "probe",
+    ["startOffset=alice%2Fsecret%2Fm", "endOffset=alice%2Fsecret%2Fm", "matchGlob=alice%2F**%2Fl*"],
+)
+def test_no_bisecting_a_deny_carve_out_through_list_parameters(proxy, seeded, relay, tokens, probe):
+    """A review recovered every hidden name under alice/secret/ in ~300 lists: from a
+    chosen startOffset, the empty pages (each a hidden item filtered out) told whether a
+    hidden name lay ahead. Over a carve-out those parameters are refused; elsewhere,
+    and without them, listing works as before."""
+    seeded.put_object(BUCKET, "alice/secret/launch-codes.txt", b"x")
+    reply = call(proxy, "GET", f"/storage/v1/b/{BUCKET}/o?prefix=alice%2F&{probe}", tokens["alice"])
+    assert reply.status == 403, reply.body
+    assert "it holds objects they may not list" in reply.error()
+    assert relay.seen == []
+    plain = call(proxy, "GET", f"/storage/v1/b/{BUCKET}/o?prefix=alice%2F", tokens["alice"])
+    assert plain.status == 200
+    # Mallory's own prefix hides nothing from her: the same parameter is fine there.
+    own = probe.replace("alice", "mallory")
+    reply = call(
+        proxy, "GET", f"/storage/v1/b/{BUCKET}/o?prefix=mallory%2F&{own}", tokens["mallory"]
+    )
+    assert reply.status == 200, reply.body

@@ -17,7 +17,7 @@ from proxy.policy import (
     evaluate,
     load_policy,
 )
-from proxy.policy.evaluate import evaluate_all, may_be_granted
+from proxy.policy.evaluate import carved_out, evaluate_all, may_be_granted
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "policies" / "example.yaml"
 GOOGLE = "https://accounts.google.com"
@@ -366,3 +366,26 @@ def test_may_be_granted_asks_whether_any_prefix_of_the_bucket_could_allow(tmp_pa
     assert may_be_granted(index, alice, Verb.READ, "data")
     assert not may_be_granted(index, alice, Verb.WRITE, "data")  # only a deny mentions it
     assert not may_be_granted(index, alice, Verb.READ, "elsewhere")
+
+
+def test_carved_out_finds_deny_rules_below_a_prefix(tmp_path):
+    path = write(
+        tmp_path,
+        f"""
+        version: 1
+        issuers: [{{issuer: "{GOOGLE}", audiences: [a]}}]
+        rules:
+          - {{id: team, principals: [allAuthenticatedUsers], bucket: bkt, prefixes: ["t/"], verbs: [list]}}
+          - {{id: hr, effect: deny, principals: [allAuthenticatedUsers], bucket: bkt, prefixes: ["t/hr/"], verbs: ["*"]}}
+          - {{id: mine, effect: deny, principals: [allAuthenticatedUsers], bucket: bkt, prefixes: ["u/${{email}}/x/"], verbs: [list]}}
+        """,
+    )
+    index = compile_policy(load_policy(path))
+    alice = Identity(GOOGLE, "1", "alice@example.com")
+
+    def carved(prefix: str) -> bool:
+        return carved_out(index, alice, Access(Verb.LIST, "bkt", prefix))
+
+    assert carved("t/") and carved("t/h") and carved("")
+    assert not carved("t/a/") and not carved("t/hrx")
+    assert carved("u/alice@example.com/") and not carved("u/bob@example.com/")

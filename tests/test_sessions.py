@@ -92,6 +92,26 @@ def test_page_tokens_and_upload_handles_are_not_interchangeable():
             sealer.open_page(garbage, "https://issuer", "alice", "bkt")
 
 
+def test_handles_hold_the_longest_names_they_are_given():
+    """A review: JSON's \\u escapes made a legal 1,022-byte name of emoji a handle over
+    the size limit, issued and then refused."""
+    sealer = SessionSealer(KEY)
+    name = "alice/" + "\N{GRINNING FACE}" * 254  # 1,022 UTF-8 bytes
+    handle = sealer.new("https://issuer", "alice", "bkt", name, "UPLOAD-" + "u" * 200)
+    assert sealer.open(handle).object == name
+    page = sealer.seal_page("https://issuer", "alice", "bkt", name)
+    assert sealer.open_page(page, "https://issuer", "alice", "bkt") == name
+
+
+def test_page_tokens_do_not_tell_how_long_the_name_inside_is():
+    sealer = SessionSealer(KEY)
+    lengths = {
+        len(sealer.seal_page("https://issuer", "alice", "bkt", "alice/secret/" + "x" * n))
+        for n in (5, 100, 200, 400)
+    }
+    assert len(lengths) == 1, lengths
+
+
 def test_session_key_from_environment():
     assert session_key({SESSION_KEY_ENV: encode_key(KEY)}) == KEY
     assert len(session_key({})) == 32

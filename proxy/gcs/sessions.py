@@ -30,7 +30,10 @@ SESSION_LIFETIME = 7 * 24 * 3600  # Cloud Storage keeps a resumable session for 
 _AAD = b"gcs-iap-proxy/upload-session/v1"
 _PAGE_AAD = b"gcs-iap-proxy/page-token/v1"
 _NONCE = 12
-MAX_HANDLE = 4096
+# A handle must fit a request line (aiohttp: 8190 bytes): an object name of 1,024 UTF-8
+# bytes plus an upload id or a page token and the identity come to about 2 KiB sealed.
+MAX_HANDLE = 6144
+_PAGE_PAD = 512
 
 
 @dataclass(frozen=True)
@@ -76,9 +79,10 @@ class SessionSealer:
     def __init__(self, key: bytes) -> None:
         self._aead = AESGCM(key)
 
-    def _seal(self, fields: list[str | int], aad: bytes) -> str:
+    def _seal(self, fields: list[str | int], aad: bytes, pad: int = 1) -> str:
         nonce = secrets.token_bytes(_NONCE)
-        payload = json.dumps(fields, separators=(",", ":")).encode()
+        payload = json.dumps(fields, separators=(",", ":"), ensure_ascii=False).encode()
+        payload += b" " * (-len(payload) % pad)  # JSON ignores trailing spaces
         sealed = nonce + self._aead.encrypt(nonce, payload, aad)
         return base64.urlsafe_b64encode(sealed).decode().rstrip("=")
 
@@ -114,7 +118,8 @@ class SessionSealer:
         return session
 
     def seal_page(self, issuer: str, subject: str, bucket: str, token: str) -> str:
-        return self._seal([issuer, subject, bucket, token], _PAGE_AAD)
+        # Padded: AES-GCM keeps the length, and the token's would hint at a hidden name's.
+        return self._seal([issuer, subject, bucket, token], _PAGE_AAD, _PAGE_PAD)
 
     def open_page(self, handle: str, issuer: str, subject: str, bucket: str) -> str:
         """The upstream page token `handle` seals for exactly this identity and bucket."""

@@ -113,6 +113,19 @@ class _PrefixTable:
         templated = (slot for slots in self.templates.values() for slot in slots.values())
         return any(verb in slot.allow for slot in (*self.static.values(), *templated))
 
+    def denies_under(self, identity: Identity, verb: Verb, path: str) -> bool:
+        """Whether a deny for `verb` covers some prefix at or below `path` (a carve-out)."""
+        for prefix, slot in self.static.items():
+            if verb in slot.deny and prefix.startswith(path):
+                return True
+        for templated in self.templates.values():
+            for template, slot in templated.items():
+                if verb in slot.deny:
+                    expanded = expand_template(template, identity)
+                    if expanded is not None and expanded.startswith(path):
+                        return True
+        return False
+
     def slots(self, identity: Identity, path: str) -> list[_Slot]:
         found: list[_Slot] = []
         for length in self.lengths:
@@ -198,6 +211,16 @@ def may_be_granted(index: PolicyIndex, identity: Identity, verb: Verb, bucket: s
     for principal in identity.principals():
         table = index.tables.get((principal, bucket))
         if table is not None and table.allows_somewhere(verb):
+            return True
+    return False
+
+
+def carved_out(index: PolicyIndex, identity: Identity, access: Access) -> bool:
+    """Whether some deny rule hides part of what lies under `access.path` from `identity`
+    (the deny carve-outs a list of that prefix filters out)."""
+    for principal in identity.principals():
+        table = index.tables.get((principal, access.bucket))
+        if table is not None and table.denies_under(identity, access.verb, access.path):
             return True
     return False
 
