@@ -100,9 +100,12 @@ async def handle(
         operation = _in_session(operation, session)
     operation = _open_page_token(components.sessions, operation, identity)
     if operation.kind in METADATA_BODIES and policy.enforcing:
-        _describe(record, operation)
-        with authorizing(tracer, record):
-            _refuse_before_the_body(policy, identity, operation, record)
+        refusal = _refused_before_the_body(policy, identity, operation)
+        if refusal is not None:
+            _describe(record, operation)
+            with authorizing(tracer, record):
+                _record_decision(record, refusal, policy)
+                raise Forbidden(_refusal(identity, refusal))
     if waiting and operation.kind not in STREAMED_BODIES:
         await _continue(request)  # the metadata in the body is needed to decide
     operation, body = await _read_body(request, operation, limits)
@@ -208,8 +211,20 @@ def _open_page_token(sealer: SessionSealer, operation: Operation, identity: Iden
     handle = dict(operation.params).get("pageToken")
     if handle is None:
         return operation
-    token = sealer.open_page(handle, identity.issuer, identity.subject, operation.bucket)
+    listing = _listing(operation)
+    token = sealer.open_page(handle, identity.issuer, identity.subject, operation.bucket, listing)
     return operation.with_param("pageToken", token)
+
+
+# Parameters of a listing that do not change which entries it holds, or where.
+_PAGING = frozenset({"pageToken", "maxResults", "fields", "prettyPrint"})
+
+
+def _listing(operation: Operation) -> str:
+    """The parameters that make a listing what it is, canonically: a page token from one
+    listing must not continue another (a review replayed a token pointing into a deny
+    carve-out under other parameters)."""
+    return "&".join(sorted(f"{k}={v}" for k, v in operation.params if k not in _PAGING))
 
 
 def _in_session(operation: Operation, session: UploadSession) -> Operation:
@@ -217,32 +232,35 @@ def _in_session(operation: Operation, session: UploadSession) -> Operation:
     return replace(operation, object=session.object, accesses=(access,))
 
 
-def _refuse_before_the_body(
-    policy: PolicyIndex, identity: Identity, operation: Operation, record: audit.AuditRecord
-) -> None:
+def _refused_before_the_body(
+    policy: PolicyIndex, identity: Identity, operation: Operation
+) -> Decision | None:
     """What the URL already says is decided before a metadata body is read, so a caller
     with no grant there cannot hold a request slot for the body timeout. The body only
     adds needs (its names must agree with the URL's), so a refusal here is final; an
-    allowance is not, and `authorize` decides again once the body is in."""
+    allowance is not, and leaves no trace: `authorize` decides once the body is in."""
     if operation.accesses:
-        authorize(policy, identity, operation, record)  # raises Forbidden if refused
-        return
+        decision = evaluate_all(policy, identity, operation.accesses)
+        return None if decision.allowed else decision
     bucket = operation.bucket  # an upload naming its object in the body only
-    if not may_be_granted(policy, identity, Verb.WRITE, bucket):
-        decision = Decision(
-            False,
-            Access(Verb.WRITE, bucket, ""),
-            None,
-            f"no rule grants write on any object of gs://{bucket}/",
-        )
-        _record_decision(record, decision, policy)
-        raise Forbidden(f"{identity.display} does not have write access to gs://{bucket}/")
+    if may_be_granted(policy, identity, Verb.WRITE, bucket):
+        return None
+    reason = f"no rule grants write on any object of gs://{bucket}/"
+    return Decision(False, Access(Verb.WRITE, bucket, ""), None, reason)
 
 
 def authorize(
     policy: PolicyIndex, identity: Identity, operation: Operation, record: audit.AuditRecord
 ) -> Operation:
     decision = evaluate_all(policy, identity, operation.accesses)
+    if decision.allowed and operation.kind is Kind.LIST and policy.enforcing:
+        probes = _carve_out_probes(policy, identity, operation, decision.access)
+        if probes:
+            refused = Decision(False, decision.access, None, f"{probes} over a deny carve-out")
+            _record_decision(record, refused, policy)
+            raise Forbidden(
+                f"{identity.display} may not use {probes} listing {refused.access.resource}"
+            )
     _record_decision(record, decision, policy)
     if not decision.allowed:
         if policy.enforcing:
@@ -254,28 +272,39 @@ def authorize(
         if not evaluate(policy, identity, overwrite).allowed:
             # write without delete: create only, as Cloud Storage IAM would have it.
             return operation.with_param("ifGenerationMatch", "0")
-    if operation.kind is Kind.LIST and policy.enforcing:
-        _no_probing_carve_outs(policy, identity, operation, decision.access)
     return operation
 
 
-# List parameters that pick where a listing starts or which names it matches.
-_PROBES = ("startOffset", "endOffset", "matchGlob")
-
-
-def _no_probing_carve_outs(
+def _carve_out_probes(
     policy: PolicyIndex, identity: Identity, operation: Operation, access: Access
-) -> None:
+) -> str:
     """The list filter drops what a deny rule hides inside a granted prefix, but each
     dropped item still shapes its page (an empty or short page with a next token). With
-    offsets or a glob chosen freely, a caller could bisect on that and spell out hidden
-    names (found by a review). Over such a carve-out, those parameters are refused."""
-    probes = [name for name, _ in operation.params if name in _PROBES]
-    if probes and carved_out(policy, identity, access):
-        raise Forbidden(
-            f"{identity.display} may not use {', '.join(probes)} listing {access.resource}: "
-            "it holds objects they may not list"
-        )
+    offsets, a glob or a delimiter chosen freely, a caller could probe that shape and
+    spell out hidden names (found by two reviews). Over such a carve-out those are
+    refused; the folder view (delimiter "/") stays, folding a carve-out into one entry.
+    The parameters to refuse, in words; empty if none."""
+    probes = {
+        name
+        for name, value in operation.params
+        if name in _PROBES or (name == "delimiter" and value != "/")
+    }
+    if not probes or not carved_out(policy, identity, access):
+        return ""
+    return ", ".join(sorted(probes))
+
+
+# List parameters that choose where a listing starts, which names it matches or how it
+# folds them: with "delimiter" (other than "/") refused over deny carve-outs.
+_PROBES = frozenset(
+    {
+        "startOffset",
+        "endOffset",
+        "matchGlob",
+        "includeTrailingDelimiter",
+        "includeFoldersAsPrefixes",
+    }
+)
 
 
 def _plan(
@@ -288,9 +317,11 @@ def _plan(
     if operation.kind is Kind.LIST:
         bucket = operation.bucket
 
+        listing = _listing(operation)
+
         def seal(token: str) -> str:
             # The next page's token names an object, maybe one the caller may not see.
-            return sealer.seal_page(identity.issuer, identity.subject, bucket, token)
+            return sealer.seal_page(identity.issuer, identity.subject, bucket, listing, token)
 
         if not policy.enforcing:
             return ResponsePlan(page_token=seal)

@@ -411,10 +411,11 @@ def test_multipart_metadata_must_agree(proxy, seeded, relay, tokens, query, meta
         (b'{"name": "alice/n.txt", "metadata": {"k": NaN}}', "not valid JSON"),
         (b'{"name": "alice/n.txt", "size": Infinity}', "not valid JSON"),
         (b'{"name": "alice/n.txt", "metadata": {"k": 1e400}}', "out of range"),
+        (b'{"name": "alice/n.txt", "metadata": {"k": 1' + b"0" * 300 + b"}}", "out of range"),
         (b'{"name": "alice/n.txt", "metadata": ' + b'{"a": ' * 40 + b"1" + b"}" * 41, "nested"),
         (b'{"name": "alice/n.txt", "metadata": ' + b'{"a": ' * 5000 + b"1" + b"}" * 5001, "JSON"),
     ],
-    ids=["surrogate", "nan", "infinity", "overflow", "deep", "deeper-than-python"],
+    ids=["surrogate", "nan", "infinity", "overflow", "huge-int", "deep", "deeper-than-python"],
 )
 def test_metadata_python_reads_but_json_cannot_carry_is_400(
     proxy, seeded, relay, tokens, metadata, message
@@ -1121,24 +1122,91 @@ def test_a_tls_hello_on_the_plain_port_is_not_worth_a_warning(proxy, seeded):
 
 
 @pytest.mark.parametrize(
-    "probe",
-    ["startOffset=alice%2Fsecret%2Fm", "endOffset=alice%2Fsecret%2Fm", "matchGlob=alice%2F**%2Fl*"],
+    ("probe", "named"),
+    [
+        ("startOffset=alice%2Fsecret%2Fm", "startOffset"),
+        ("endOffset=alice%2Fsecret%2Fm", "endOffset"),
+        ("matchGlob=alice%2F**%2Fl*", "matchGlob"),
+        ("delimiter=-", "delimiter"),  # folds a hidden name or not: a substring test
+        ("delimiter=%2F&includeTrailingDelimiter=true", "includeTrailingDelimiter"),
+    ],
 )
-def test_no_bisecting_a_deny_carve_out_through_list_parameters(proxy, seeded, relay, tokens, probe):
-    """A review recovered every hidden name under alice/secret/ in ~300 lists: from a
-    chosen startOffset, the empty pages (each a hidden item filtered out) told whether a
-    hidden name lay ahead. Over a carve-out those parameters are refused; elsewhere,
-    and without them, listing works as before."""
+def test_no_probing_a_deny_carve_out_through_list_parameters(
+    proxy, seeded, relay, tokens, probe, named
+):
+    """Two reviews recovered every hidden name under alice/secret/: each filtered item
+    still shapes its page (empty or short, with a next token), so from a chosen
+    startOffset, or with a delimiter a hidden name does or does not contain, a listing
+    told whether a hidden name lay ahead. Over a carve-out those parameters are refused
+    (and audited as the refusal they are); elsewhere, and the folder view with "/",
+    listing works as before."""
     seeded.put_object(BUCKET, "alice/secret/launch-codes.txt", b"x")
+    resource = f"gs://{BUCKET}/alice/"
+    audited = len(proxy.audit_records(resource, timeout=0))
     reply = call(proxy, "GET", f"/storage/v1/b/{BUCKET}/o?prefix=alice%2F&{probe}", tokens["alice"])
     assert reply.status == 403, reply.body
-    assert "it holds objects they may not list" in reply.error()
+    assert reply.error() == f"{ALICE} may not use {named} listing {resource}"
     assert relay.seen == []
-    plain = call(proxy, "GET", f"/storage/v1/b/{BUCKET}/o?prefix=alice%2F", tokens["alice"])
-    assert plain.status == 200
+    deadline = time.monotonic() + 5
+    while len(records := proxy.audit_records(resource, timeout=0)) == audited:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    assert records[-1]["audit"]["decision"] == "deny"
+    assert records[-1]["audit"]["rule_id"] is None
+    assert records[-1]["audit"]["reason"] == f"{named} over a deny carve-out"
+    folders = call(
+        proxy, "GET", f"/storage/v1/b/{BUCKET}/o?prefix=alice%2F&delimiter=%2F", tokens["alice"]
+    )
+    assert folders.status == 200
+    assert "alice/secret/" not in json.loads(folders.body).get("prefixes", [])
     # Mallory's own prefix hides nothing from her: the same parameter is fine there.
     own = probe.replace("alice", "mallory")
     reply = call(
         proxy, "GET", f"/storage/v1/b/{BUCKET}/o?prefix=mallory%2F&{own}", tokens["mallory"]
     )
     assert reply.status == 200, reply.body
+
+
+def test_a_page_token_continues_only_its_own_listing(proxy, seeded, relay, tokens):
+    """A review replayed a token pointing into alice/secret/ under another prefix and
+    delimiter (upstream's tokens say where to start): bound to the listing now."""
+    for name in ("alice/secret/a.txt", "alice/secret/b.txt", "alice/z.txt"):
+        seeded.put_object(BUCKET, name, b"x")
+    first = call(
+        proxy, "GET", f"/storage/v1/b/{BUCKET}/o?prefix=alice%2F&maxResults=1", tokens["alice"]
+    )
+    token = quote(json.loads(first.body)["nextPageToken"], safe="")
+    same = call(
+        proxy,
+        "GET",
+        f"/storage/v1/b/{BUCKET}/o?prefix=alice%2F&maxResults=5&pageToken={token}",
+        tokens["alice"],
+    )
+    assert same.status == 200, same.body
+    other = call(
+        proxy,
+        "GET",
+        f"/storage/v1/b/{BUCKET}/o?prefix=alice%2Fsecret&pageToken={token}",
+        tokens["alice"],
+    )
+    assert other.status == 400 and other.error() == "Invalid page token"
+
+
+def test_a_body_refused_after_the_first_decision_leaves_no_allow_behind(
+    proxy, seeded, relay, tokens
+):
+    """A review: the URL's part of the decision, taken before the body, was recorded as
+    an allow; a body then refused (400, nothing forwarded) left an 'allow' audit line."""
+    resource = f"gs://{BUCKET}/alice/composed.txt"
+    reply = call(
+        proxy,
+        "POST",
+        f"/storage/v1/b/{BUCKET}/o/alice%2Fcomposed.txt/compose",
+        tokens["alice"],
+        b"{not json",
+        {"Content-Type": "application/json"},
+    )
+    assert reply.status == 400, reply.body
+    time.sleep(0.3)  # audit lines follow their answers
+    assert [r["audit"]["decision"] for r in proxy.audit_records(resource, timeout=0)] == []
+    assert relay.seen == []

@@ -571,3 +571,10 @@ def test_lint_warns_when_a_subject_folder_spans_issuers(capsys, tmp_path):
     )
     code, out, _ = run(capsys, "lint", str(write(tmp_path / "two.yaml", two)))
     assert code == 1 and "rule 'robot-home': prefix 'robots/${sub}/' is shared" in out
+    # Subjects with '#' in them, of one issuer, are one issuer.
+    hashes = path.read_text().replace(
+        '["subject:https://accounts.google.com#42"]',
+        '["subject:https://accounts.google.com#team#1", "subject:https://accounts.google.com#crew#2"]',
+    )
+    code, out, _ = run(capsys, "lint", str(write(tmp_path / "hashes.yaml", hashes)))
+    assert "robot-home" not in out

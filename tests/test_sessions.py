@@ -63,33 +63,37 @@ def test_other_key_and_expiry():
         SessionSealer(KEY).open(expired)
 
 
-def test_page_tokens_open_only_for_their_identity_and_bucket():
+def test_page_tokens_open_only_for_their_identity_bucket_and_listing():
     sealer = SessionSealer(KEY)
-    handle = sealer.seal_page("https://issuer", "alice", "bkt", "alice/secret/plan.txt")
+    listing = "prefix=alice/"
+    handle = sealer.seal_page("https://issuer", "alice", "bkt", listing, "alice/secret/plan.txt")
     assert "secret" not in handle and "alice" not in handle
-    assert sealer.open_page(handle, "https://issuer", "alice", "bkt") == "alice/secret/plan.txt"
-    for issuer, subject, bucket in [
-        ("https://issuer", "mallory", "bkt"),
-        ("https://other", "alice", "bkt"),
-        ("https://issuer", "alice", "other-bkt"),
+    opened = sealer.open_page(handle, "https://issuer", "alice", "bkt", listing)
+    assert opened == "alice/secret/plan.txt"
+    for issuer, subject, bucket, other in [
+        ("https://issuer", "mallory", "bkt", listing),
+        ("https://other", "alice", "bkt", listing),
+        ("https://issuer", "alice", "other-bkt", listing),
+        ("https://issuer", "alice", "bkt", "prefix=alice/secret"),  # the same token, replayed
+        ("https://issuer", "alice", "bkt", "delimiter=s&prefix=alice/"),
     ]:
         with pytest.raises(InvalidPageToken):
-            sealer.open_page(handle, issuer, subject, bucket)
+            sealer.open_page(handle, issuer, subject, bucket, other)
     with pytest.raises(InvalidPageToken):
-        SessionSealer(bytes(32)).open_page(handle, "https://issuer", "alice", "bkt")
+        SessionSealer(bytes(32)).open_page(handle, "https://issuer", "alice", "bkt", listing)
 
 
 def test_page_tokens_and_upload_handles_are_not_interchangeable():
     sealer = SessionSealer(KEY)
     upload = sealer.new("https://issuer", "alice", "bkt", "alice/x", "UPLOAD-ID")
-    page = sealer.seal_page("https://issuer", "alice", "bkt", "alice/x")
+    page = sealer.seal_page("https://issuer", "alice", "bkt", "", "alice/x")
     with pytest.raises(InvalidPageToken):
-        sealer.open_page(upload, "https://issuer", "alice", "bkt")
+        sealer.open_page(upload, "https://issuer", "alice", "bkt", "")
     with pytest.raises(InvalidSession):
         sealer.open(page)
     for garbage in ["", "alice/x", "Zm9v", "!" * 10, "A" * 5000]:
         with pytest.raises(InvalidPageToken):
-            sealer.open_page(garbage, "https://issuer", "alice", "bkt")
+            sealer.open_page(garbage, "https://issuer", "alice", "bkt", "")
 
 
 def test_handles_hold_the_longest_names_they_are_given():
@@ -99,14 +103,14 @@ def test_handles_hold_the_longest_names_they_are_given():
     name = "alice/" + "\N{GRINNING FACE}" * 254  # 1,022 UTF-8 bytes
     handle = sealer.new("https://issuer", "alice", "bkt", name, "UPLOAD-" + "u" * 200)
     assert sealer.open(handle).object == name
-    page = sealer.seal_page("https://issuer", "alice", "bkt", name)
-    assert sealer.open_page(page, "https://issuer", "alice", "bkt") == name
+    page = sealer.seal_page("https://issuer", "alice", "bkt", "prefix=alice/", name)
+    assert sealer.open_page(page, "https://issuer", "alice", "bkt", "prefix=alice/") == name
 
 
 def test_page_tokens_do_not_tell_how_long_the_name_inside_is():
     sealer = SessionSealer(KEY)
     lengths = {
-        len(sealer.seal_page("https://issuer", "alice", "bkt", "alice/secret/" + "x" * n))
+        len(sealer.seal_page("https://issuer", "alice", "bkt", "", "alice/secret/" + "x" * n))
         for n in (5, 100, 200, 400)
     }
     assert len(lengths) == 1, lengths

@@ -630,3 +630,31 @@ async def test_no_exporter_means_no_sdk_and_no_metadata_lookup():
     assert telemetry.metrics is NULL_METRICS
     assert type(telemetry.tracer).__name__ == "NoOpTracer"
     assert telemetry.project == "given"
+
+
+def test_an_upload_decided_before_and_after_its_body_is_one_authorize_span(
+    setup: Setup, receiver, relay, dev_issuer
+):
+    """The URL's part of a decision comes before a metadata body, the rest after it; an
+    allowed upload shows one decision (a review found two authorize spans)."""
+    trace_id, _, traceparent = new_trace()
+    body = (
+        b'--B\r\nContent-Type: application/json\r\n\r\n{"name": "alice/traced.txt"}\r\n'
+        b"--B\r\nContent-Type: text/plain\r\n\r\nDATA\r\n--B--\r\n"
+    )
+    reply = call(
+        setup.proxy,
+        "POST",
+        f"/upload/storage/v1/b/{BUCKET}/o?uploadType=multipart",
+        token(dev_issuer, ALICE),
+        {"traceparent": traceparent, "Content-Type": "multipart/related; boundary=B"},
+        body,
+    )
+    assert reply.status == 200, reply.body
+    spans = trace_spans(receiver, trace_id, 4)
+    assert set(spans) == {
+        "POST /upload/storage/v1/b/{bucket}/o",
+        "authenticate",
+        "authorize",
+        "upstream",
+    }

@@ -11,6 +11,7 @@ from proxy.policy.evaluate import Access
 from proxy.policy.model import Verb
 
 MAX_METADATA_BYTES = 1 << 20
+_I64_MIN, _I64_MAX = -(1 << 63), (1 << 63) - 1
 MAX_METADATA_DEPTH = 32  # Cloud Storage's resources nest five levels at most
 
 WRITABLE = frozenset(
@@ -95,8 +96,14 @@ def _check_document(document: dict[str, Any]) -> None:
             pending.extend((item, depth + 1) for item in value)
         elif isinstance(value, str):
             _check_text(value)
-        elif isinstance(value, float) and not math.isfinite(value):  # 1e400 reads as inf
+        elif _out_of_range(value):
             raise BadRequest("object metadata holds a number out of range")
+
+
+def _out_of_range(value: object) -> bool:
+    if type(value) is float:
+        return not math.isfinite(value)  # 1e400 reads as inf, and would be sent as Infinity
+    return type(value) is int and not _I64_MIN <= value <= _I64_MAX  # no field holds more
 
 
 def _check_text(value: str) -> None:

@@ -7,7 +7,8 @@ subject, bucket, object, upload id, expiry).
 
 A list's page token names where the next page starts: an object name, which may be one
 the caller's grant hides (a denied folder inside a listable prefix). The caller gets it
-sealed for (issuer, subject, bucket), and only that identity's list of that bucket opens it.
+sealed for (issuer, subject, bucket, the listing's other parameters), and only that
+identity's same listing opens it.
 """
 
 from __future__ import annotations
@@ -117,16 +118,18 @@ class SessionSealer:
             raise InvalidSession("the upload session has expired")
         return session
 
-    def seal_page(self, issuer: str, subject: str, bucket: str, token: str) -> str:
+    def seal_page(self, issuer: str, subject: str, bucket: str, listing: str, token: str) -> str:
+        """`token` for one identity's listing of a bucket; `listing` is that listing's other
+        parameters (prefix, delimiter, ...): the token continues that listing only."""
         # Padded: AES-GCM keeps the length, and the token's would hint at a hidden name's.
-        return self._seal([issuer, subject, bucket, token], _PAGE_AAD, _PAGE_PAD)
+        return self._seal([issuer, subject, bucket, listing, token], _PAGE_AAD, _PAGE_PAD)
 
-    def open_page(self, handle: str, issuer: str, subject: str, bucket: str) -> str:
-        """The upstream page token `handle` seals for exactly this identity and bucket."""
+    def open_page(self, handle: str, issuer: str, subject: str, bucket: str, listing: str) -> str:
+        """The upstream page token `handle` seals for exactly this identity and listing."""
         fields = self._open(handle, _PAGE_AAD)
-        if not fields or fields[:3] != [issuer, subject, bucket] or len(fields) != 4:
+        if not fields or len(fields) != 5 or fields[:4] != [issuer, subject, bucket, listing]:
             raise InvalidPageToken("Invalid page token")
-        token = fields[3]
+        token = fields[4]
         if not isinstance(token, str):
             raise InvalidPageToken("Invalid page token")
         return token

@@ -211,7 +211,7 @@ def _subjects_across_issuers(policy: Policy) -> Iterator[LintWarning]:
         members = [m for _, m in _members(policy, rule)]
         # Who can match: a subject: principal's own issuer; any other principal, every issuer.
         spans = {
-            m.removeprefix("subject:").rpartition("#")[0]
+            m.removeprefix("subject:").partition("#")[0]
             for m in members
             if m.startswith("subject:")
         }
