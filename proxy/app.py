@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 from dataclasses import replace
 from typing import Any
@@ -221,10 +222,10 @@ _PAGING = frozenset({"pageToken", "maxResults", "fields", "prettyPrint"})
 
 
 def _listing(operation: Operation) -> str:
-    """The parameters that make a listing what it is, canonically: a page token from one
-    listing must not continue another (a review replayed a token pointing into a deny
-    carve-out under other parameters)."""
-    return "&".join(sorted(f"{k}={v}" for k, v in operation.params if k not in _PAGING))
+    """The parameters that make a listing what it is, canonically (JSON: no value can
+    pass for another pair): a page token from one listing must not continue another (a
+    review replayed a token pointing into a deny carve-out under other parameters)."""
+    return json.dumps(sorted((k, v) for k, v in operation.params if k not in _PAGING))
 
 
 def _in_session(operation: Operation, session: UploadSession) -> Operation:
@@ -287,7 +288,7 @@ def _carve_out_probes(
     probes = {
         name
         for name, value in operation.params
-        if name in _PROBES or (name == "delimiter" and value != "/")
+        if name in _PROBES or (name == "delimiter" and value not in ("/", ""))
     }
     if not probes or not carved_out(policy, identity, access):
         return ""

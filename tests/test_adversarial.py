@@ -1142,18 +1142,25 @@ def test_no_probing_a_deny_carve_out_through_list_parameters(
     listing works as before."""
     seeded.put_object(BUCKET, "alice/secret/launch-codes.txt", b"x")
     resource = f"gs://{BUCKET}/alice/"
-    audited = len(proxy.audit_records(resource, timeout=0))
-    reply = call(proxy, "GET", f"/storage/v1/b/{BUCKET}/o?prefix=alice%2F&{probe}", tokens["alice"])
+    marker = f"fields={named}"  # picks this request's audit line among the others
+    target = f"/storage/v1/b/{BUCKET}/o?prefix=alice%2F&{probe}&{marker}"
+    reply = call(proxy, "GET", target, tokens["alice"])
     assert reply.status == 403, reply.body
     assert reply.error() == f"{ALICE} may not use {named} listing {resource}"
     assert relay.seen == []
     deadline = time.monotonic() + 5
-    while len(records := proxy.audit_records(resource, timeout=0)) == audited:
-        assert time.monotonic() < deadline
+    while not (
+        mine := [
+            r
+            for r in proxy.audit_records(resource, timeout=0)
+            if marker in r["httpRequest"]["requestUrl"]
+        ]
+    ):
+        assert time.monotonic() < deadline, "the refusal is audited"
         time.sleep(0.05)
-    assert records[-1]["audit"]["decision"] == "deny"
-    assert records[-1]["audit"]["rule_id"] is None
-    assert records[-1]["audit"]["reason"] == f"{named} over a deny carve-out"
+    assert [r["audit"]["decision"] for r in mine] == ["deny"]
+    assert mine[0]["audit"]["rule_id"] is None
+    assert mine[0]["audit"]["reason"] == f"{named} over a deny carve-out"
     folders = call(
         proxy, "GET", f"/storage/v1/b/{BUCKET}/o?prefix=alice%2F&delimiter=%2F", tokens["alice"]
     )
@@ -1210,3 +1217,34 @@ def test_a_body_refused_after_the_first_decision_leaves_no_allow_behind(
     time.sleep(0.3)  # audit lines follow their answers
     assert [r["audit"]["decision"] for r in proxy.audit_records(resource, timeout=0)] == []
     assert relay.seen == []
+
+
+def test_list_parameters_as_clients_spell_them(proxy, seeded, relay, tokens):
+    """google-cloud-storage sends versions=True; gcsfs sends delimiter= (none) for find,
+    du and glob, over a carve-out too (a review saw 400 and 403)."""
+    for query, status in [
+        ("prefix=alice%2F&versions=True", 200),
+        ("prefix=alice%2F&softDeleted=FALSE", 200),
+        ("prefix=alice%2F&delimiter=", 200),  # no delimiter: nothing folded
+        ("prefix=alice%2F&maxResults=-1", 400),
+        ("prefix=alice%2F&alt=media", 400),
+    ]:
+        relay.clear()
+        reply = call(proxy, "GET", f"/storage/v1/b/{BUCKET}/o?{query}", tokens["alice"])
+        assert reply.status == status, (query, reply.body)
+        if status == 200:
+            sent = parse_qs(relay.seen[0].query, keep_blank_values=True)
+            assert all(
+                v == v.lower() for k, [v] in sent.items() if k in {"versions", "softDeleted"}
+            )
+
+
+def test_a_page_token_binding_cannot_be_spelled_two_ways(proxy, seeded, relay, tokens):
+    for name in ("alice/p1.txt", "alice/p2.txt"):
+        seeded.put_object(BUCKET, name, b"x")
+    crafted = "prefix=alice%2F&maxResults=1&quotaUser=x%26versions%3Dtrue"
+    first = call(proxy, "GET", f"/storage/v1/b/{BUCKET}/o?{crafted}", tokens["alice"])
+    token = quote(json.loads(first.body)["nextPageToken"], safe="")
+    split = f"prefix=alice%2F&quotaUser=x&versions=true&pageToken={token}"
+    reply = call(proxy, "GET", f"/storage/v1/b/{BUCKET}/o?{split}", tokens["alice"])
+    assert reply.status == 400 and reply.error() == "Invalid page token"

@@ -179,6 +179,9 @@ def test_deny_rule_beats_allow(alice, fake_gcs: FakeGcs):
     pages = alice.client.list_blobs(BUCKET, prefix="alice/", page_size=1).pages
     paged = [[b.name for b in page] for page in pages]
     assert [name for page in paged for name in page] == names and len(paged) > 1
+    # The client spells its flags True: accepted, as Cloud Storage does.
+    versioned = alice.client.list_blobs(BUCKET, prefix="alice/", versions=True, soft_deleted=False)
+    assert {b.name for b in versioned} >= set(names)
     fake_gcs.put_object(BUCKET, "alice/public/note.txt", b"ok")
     listing = alice.client.list_blobs(BUCKET, prefix="alice/", delimiter="/")
     list(listing)

@@ -108,10 +108,13 @@ def test_handles_hold_the_longest_names_they_are_given():
 
 
 def test_page_tokens_do_not_tell_how_long_the_name_inside_is():
+    """Nor can a parameter the caller picks move the length: a review grew quotaUser a
+    byte at a time and read a hidden name's exact length off the one step."""
     sealer = SessionSealer(KEY)
     lengths = {
-        len(sealer.seal_page("https://issuer", "alice", "bkt", "", "alice/secret/" + "x" * n))
-        for n in (5, 100, 200, 400)
+        len(sealer.seal_page("https://issuer", "alice", "bkt", listing, "alice/secret/" + "x" * n))
+        for n in (5, 100, 200, 400, 1010)
+        for listing in ("", '[["quotaUser", "' + "q" * 300 + '"]]')
     }
     assert len(lengths) == 1, lengths
 

@@ -12,7 +12,7 @@ from proxy.policy.evaluate import Access
 from proxy.policy.model import Verb
 
 _BUCKET = re.compile(r"^[a-z0-9][a-z0-9._-]{1,220}[a-z0-9]$")
-_DIGITS = re.compile(r"^-?[0-9]{1,20}$")
+_DIGITS = re.compile(r"^[0-9]{1,20}$")  # generations, metagenerations, counts: never negative
 _BOOL = frozenset({"true", "false"})
 _API_PREFIXES = tuple((api, tuple(api.value[1:].split("/"))) for api in Api)
 _RESERVED_FIRST_SEGMENTS = frozenset({"storage", "upload", "download", "batch", "resumable"})
@@ -148,7 +148,9 @@ def parse_request(method: str, raw_target: str, headers: Mapping[str, str]) -> O
     operation = _route(method, target)
     operation = _check_params(operation, target.query)
     params = tuple(
-        (k, v) for k, v in target.query.items() if k not in {"userProject", "projection"}
+        (k, v.lower() if k in _BOOLEAN else v)  # clients send True as well as true
+        for k, v in target.query.items()
+        if k not in {"userProject", "projection"}
     )
     if operation.kind in _NO_ACL:
         params += (("projection", "noAcl"),)
@@ -171,10 +173,12 @@ def _check_params(operation: Operation, query: Mapping[str, str]) -> Operation:
             raise BadRequest(f"unsupported query parameter {name!r} for {kind.value}")
         if name in _NUMERIC and not _DIGITS.match(value):
             raise BadRequest(f"query parameter {name!r} must be an integer")
-        if name in _BOOLEAN and value not in _BOOL:
+        if name in _BOOLEAN and value.lower() not in _BOOL:
             raise BadRequest(f"query parameter {name!r} must be true or false")
     if query.get("projection", "noAcl") not in {"noAcl", "full"}:
         raise BadRequest("projection must be noAcl or full")
+    if kind is Kind.LIST and query.get("alt", "json") != "json":
+        raise BadRequest("a listing is only JSON (alt=json)")
     if not _PRIVILEGED_PARAMS & set(query):
         return operation
     # Remembered as well as required now: a body may still rename the object (settle_object).

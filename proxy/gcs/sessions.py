@@ -34,7 +34,7 @@ _NONCE = 12
 # A handle must fit a request line (aiohttp: 8190 bytes): an object name of 1,024 UTF-8
 # bytes plus an upload id or a page token and the identity come to about 2 KiB sealed.
 MAX_HANDLE = 6144
-_PAGE_PAD = 512
+_PAGE_PAD = 2048  # one size for every token a 1,024-byte name can produce
 
 
 @dataclass(frozen=True)
@@ -56,6 +56,11 @@ class InvalidSession(BadRequest):
 
 class InvalidPageToken(BadRequest):
     """A pageToken this proxy did not issue to this identity for this bucket."""
+
+
+def _page_aad(issuer: str, subject: str, bucket: str, listing: str) -> bytes:
+    bound = json.dumps([issuer, subject, bucket, listing], separators=(",", ":"))
+    return _PAGE_AAD + b"\0" + bound.encode()
 
 
 def session_key(env: dict[str, str] | None = None) -> bytes:
@@ -120,19 +125,20 @@ class SessionSealer:
 
     def seal_page(self, issuer: str, subject: str, bucket: str, listing: str, token: str) -> str:
         """`token` for one identity's listing of a bucket; `listing` is that listing's other
-        parameters (prefix, delimiter, ...): the token continues that listing only."""
-        # Padded: AES-GCM keeps the length, and the token's would hint at a hidden name's.
-        return self._seal([issuer, subject, bucket, listing, token], _PAGE_AAD, _PAGE_PAD)
+        parameters (prefix, delimiter, ...): the token continues that listing only.
+
+        Only the token is encrypted, padded to one size: AES-GCM keeps the length, and the
+        token's would hint at the hidden name it may point at. What it is bound to is
+        authenticated, not encrypted, so no caller-chosen parameter moves the length
+        either (a review read a hidden name's length by growing quotaUser)."""
+        return self._seal([token], _page_aad(issuer, subject, bucket, listing), _PAGE_PAD)
 
     def open_page(self, handle: str, issuer: str, subject: str, bucket: str, listing: str) -> str:
         """The upstream page token `handle` seals for exactly this identity and listing."""
-        fields = self._open(handle, _PAGE_AAD)
-        if not fields or len(fields) != 5 or fields[:4] != [issuer, subject, bucket, listing]:
+        fields = self._open(handle, _page_aad(issuer, subject, bucket, listing))
+        if not fields or len(fields) != 1 or not isinstance(fields[0], str):
             raise InvalidPageToken("Invalid page token")
-        token = fields[4]
-        if not isinstance(token, str):
-            raise InvalidPageToken("Invalid page token")
-        return token
+        return fields[0]
 
     def new(self, issuer: str, subject: str, bucket: str, name: str, upload_id: str) -> str:
         expires = int(time.time()) + SESSION_LIFETIME
