@@ -254,14 +254,17 @@ def authorize(
     policy: PolicyIndex, identity: Identity, operation: Operation, record: audit.AuditRecord
 ) -> Operation:
     decision = evaluate_all(policy, identity, operation.accesses)
-    if decision.allowed and operation.kind is Kind.LIST and policy.enforcing:
+    if decision.allowed and operation.kind is Kind.LIST:
         probes = _carve_out_probes(policy, identity, operation, decision.access)
         if probes:
             refused = Decision(False, decision.access, None, f"{probes} over a deny carve-out")
             _record_decision(record, refused, policy)
-            raise Forbidden(
-                f"{identity.display} may not use {probes} listing {refused.access.resource}"
-            )
+            if policy.enforcing:
+                raise Forbidden(
+                    f"{identity.display} may not use {probes} listing {refused.access.resource}"
+                )
+            record.enforced = False  # audit mode: logged as the refusal it would be
+            return operation
     _record_decision(record, decision, policy)
     if not decision.allowed:
         if policy.enforcing:
@@ -282,13 +285,14 @@ def _carve_out_probes(
     """The list filter drops what a deny rule hides inside a granted prefix, but each
     dropped item still shapes its page (an empty or short page with a next token). With
     offsets, a glob or a delimiter chosen freely, a caller could probe that shape and
-    spell out hidden names (found by two reviews). Over such a carve-out those are
+    spell out hidden names (found by reviews). Over such a carve-out those are
     refused; the folder view (delimiter "/") stays, folding a carve-out into one entry.
     The parameters to refuse, in words; empty if none."""
     probes = {
         name
         for name, value in operation.params
-        if name in _PROBES or (name == "delimiter" and value not in ("/", ""))
+        if (name in _PROBES and value != "false")  # booleans arrive lowercased
+        or (name == "delimiter" and value not in ("/", ""))
     }
     if not probes or not carved_out(policy, identity, access):
         return ""
@@ -297,15 +301,9 @@ def _carve_out_probes(
 
 # List parameters that choose where a listing starts, which names it matches or how it
 # folds them: with "delimiter" (other than "/") refused over deny carve-outs.
-_PROBES = frozenset(
-    {
-        "startOffset",
-        "endOffset",
-        "matchGlob",
-        "includeTrailingDelimiter",
-        "includeFoldersAsPrefixes",
-    }
-)
+# includeTrailingDelimiter stays allowed: it acts only with a delimiter, and over a
+# carve-out that can only be "/" (the folder view of google-cloud-storage sets it).
+_PROBES = frozenset({"startOffset", "endOffset", "matchGlob", "includeFoldersAsPrefixes"})
 
 
 def _plan(

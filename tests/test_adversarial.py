@@ -1128,7 +1128,7 @@ def test_a_tls_hello_on_the_plain_port_is_not_worth_a_warning(proxy, seeded):
         ("endOffset=alice%2Fsecret%2Fm", "endOffset"),
         ("matchGlob=alice%2F**%2Fl*", "matchGlob"),
         ("delimiter=-", "delimiter"),  # folds a hidden name or not: a substring test
-        ("delimiter=%2F&includeTrailingDelimiter=true", "includeTrailingDelimiter"),
+        ("delimiter=%2F&includeFoldersAsPrefixes=True", "includeFoldersAsPrefixes"),
     ],
 )
 def test_no_probing_a_deny_carve_out_through_list_parameters(
@@ -1248,3 +1248,53 @@ def test_a_page_token_binding_cannot_be_spelled_two_ways(proxy, seeded, relay, t
     split = f"prefix=alice%2F&quotaUser=x&versions=true&pageToken={token}"
     reply = call(proxy, "GET", f"/storage/v1/b/{BUCKET}/o?{split}", tokens["alice"])
     assert reply.status == 400 and reply.error() == "Invalid page token"
+
+
+def test_the_folder_view_and_default_flags_stay_allowed_over_a_carve_out(
+    proxy, seeded, relay, tokens
+):
+    """google-cloud-storage's folder view sets includeTrailingDelimiter=True; false flags
+    are the defaults. None of them can probe (a review saw them refused)."""
+    for query in (
+        "delimiter=%2F&includeTrailingDelimiter=True",
+        "delimiter=%2F&includeTrailingDelimiter=false",
+        "delimiter=%2F&includeFoldersAsPrefixes=false",
+    ):
+        reply = call(
+            proxy, "GET", f"/storage/v1/b/{BUCKET}/o?prefix=alice%2F&{query}", tokens["alice"]
+        )
+        assert reply.status == 200, (query, reply.body)
+
+
+def test_audit_mode_logs_a_carve_out_probe_as_the_refusal_it_would_be(tmp_path):
+    """A review: in audit mode the probe refusal was skipped and the line said 'allow'."""
+    from multidict import CIMultiDict
+
+    from proxy.app import authorize
+    from proxy.audit import AuditRecord
+    from proxy.gcs.parse import parse_request
+    from proxy.policy import Identity, compile_policy, load_policy
+
+    policy = tmp_path / "policy.yaml"
+    policy.write_text(
+        textwrap.dedent(
+            f"""\
+            version: 1
+            mode: audit
+            issuers: [{{issuer: "https://login.example.com", audiences: [a]}}]
+            rules:
+              - {{id: home, principals: ["user:{ALICE}"], bucket: {BUCKET}, prefixes: ["alice/"], verbs: [list]}}
+              - {{id: hide, effect: deny, principals: ["user:{ALICE}"], bucket: {BUCKET}, prefixes: ["alice/secret/"], verbs: ["*"]}}
+            """
+        )
+    )
+    index = compile_policy(load_policy(policy))
+    operation = parse_request(
+        "GET",
+        f"/storage/v1/b/{BUCKET}/o?prefix=alice%2F&startOffset=alice%2Fsecret%2Fm",
+        CIMultiDict(),
+    )
+    record = AuditRecord(method="GET", path="/", query="", user_agent=None, remote_ip=None)
+    authorize(index, Identity("https://login.example.com", "a", ALICE), operation, record)
+    assert (record.decision, record.enforced, record.rule_id) == ("deny", False, None)
+    assert record.reason == "startOffset over a deny carve-out"
