@@ -91,8 +91,9 @@ async def handle(
     record: audit.AuditRecord = request[RECORD]
     tracer = components.telemetry.tracer
     waiting = _expects_continue(request)
+    verifier = components.verifier
     with authenticating(tracer, record):
-        identity = await components.verifier.verify(request.headers)
+        identity = await verifier.verify(request.headers)
     record.identity = _identity_fields(identity)
     operation = parse_request(request.method, request.raw_path, request.headers)
     _check_billing(operation, policy)
@@ -113,6 +114,9 @@ async def handle(
     if components.policy is not policy:  # reloaded while the body came: the newest decides
         policy = components.policy
         _check_billing(operation, policy)
+        if components.verifier is not verifier:  # and the issuers it trusts now say who
+            identity = await components.verifier.verify(request.headers)
+            record.identity = _identity_fields(identity)
     _describe(record, operation)
     with authorizing(tracer, record):
         operation = authorize(policy, identity, operation, record)

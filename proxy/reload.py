@@ -94,6 +94,7 @@ class PolicyReloader:
         self._signature: Fingerprint = ()
         self._retry_delay = RETRY_FIRST
         self._retry_at: float | None = None  # loop time of the next try of a refused policy
+        self._retrying: Fingerprint = ()  # the file that try is for
 
     def start(self) -> asyncio.Task[None]:
         """Install the SIGHUP handler now (so an early SIGHUP cannot kill us) and start watching."""
@@ -112,14 +113,25 @@ class PolicyReloader:
                 if await self._wait_for_hangup():
                     self._signature = await asyncio.to_thread(fingerprint, self.path)
                     await self.reload("SIGHUP")
-                elif await self._changed_on_disk():
+                elif self._interval > 0 and await self._changed_on_disk():
                     await self.reload("policy changed on disk")
                 elif self._retry_at is not None and self._retry_at <= self._loop_time():
-                    await self.reload("retrying: issuer keys were unavailable")
+                    await self._retry()
         finally:
             self._remove_signal_handler()
             for task in self._key_tasks:
                 task.cancel()
+
+    async def _retry(self) -> None:
+        """Try the refused file again, but only that file: an edit since then waits for its
+        own signal (SIGHUP-only mode) or for the poll that notices it."""
+        if await asyncio.to_thread(fingerprint, self.path) != self._retrying:
+            self._settle_retries()
+            return
+        await self.reload("retrying: issuer keys were unavailable")
+
+    def _settle_retries(self) -> None:
+        self._retry_at, self._retry_delay = None, RETRY_FIRST
 
     @staticmethod
     def _loop_time() -> float:
@@ -156,25 +168,27 @@ class PolicyReloader:
             if policy.revision == current.revision:
                 if not quiet:
                     log.info("policy unchanged (%s): revision %s", why, current.revision)
-                self._retry_at = None
+                self._settle_retries()
                 return True
             index = await asyncio.to_thread(compile_policy, policy)
             verifier = await self._verifier_for(policy, current)
         except KeysUnavailable as exc:
             self._failed(why, current, exc.errors)
+            if self._signature != self._retrying:  # another file: its own backoff
+                self._retry_delay, self._retrying = RETRY_FIRST, self._signature
             self._retry_at = self._loop_time() + self._retry_delay
             self._retry_delay = min(self._retry_delay * 2, RETRY_MOST)
             return False
         except PolicyError as exc:  # the file itself: trying it again gives the same answer
             self._failed(why, current, exc.errors)
-            self._retry_at = None
+            self._settle_retries()
             return False
         except Exception as exc:
             log.exception("policy reload crashed")
             self._failed(why, current, [f"{self.path}: {type(exc).__name__}: {exc}"])
-            self._retry_at = None
+            self._settle_retries()
             return False
-        self._retry_at, self._retry_delay = None, RETRY_FIRST
+        self._settle_retries()
         self._swap(index, verifier)
         self.stats.ok += 1
         log.info(

@@ -3,6 +3,8 @@ volume `..data` swap, SIGHUP), never runs a broken policy, and swaps issuers onl
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -19,6 +21,7 @@ from aiohttp import web
 
 from proxy.devserver.issuer import DevIssuer, bind_socket, http_url, serve_socket
 from proxy.policy import load_policy
+from proxy.reload import KeysUnavailable, PolicyReloader, fingerprint
 from tests.support.fakegcs import FakeGcs
 from tests.support.proxyproc import ProxyProcess, isolated_env
 
@@ -310,3 +313,101 @@ def test_a_revocation_during_a_metadata_body_decides_the_upload(tmp_path, start,
             reply += chunk
     assert reply.split(b" ", 2)[1] == b"403", reply[:300]
     assert proxy.audit_records(f"gs://{BUCKET}/team/late.txt")[-1]["audit"]["decision"] == "deny"
+
+
+def test_tokens_an_issuer_change_revokes_during_a_body_decide_nothing(tmp_path, start, dev_issuer):
+    """A review: after a reload during a metadata body the newest policy decided, but the
+    identity was still the old verifier's; with the issuer's audience changed, a token a
+    fresh request could no longer use finished its upload."""
+    policy = tmp_path / "policy.yaml"
+    policy.write_text(
+        policy_text(dev_issuer, readers=f'"user:{ALICE}"').replace("[read, list]", "[read, write]")
+    )
+    proxy = start(policy, "--reload-interval", "0")
+    token = dev_issuer.mint(audience=AUD, subject="alice", email=ALICE)
+    body = (
+        b'--B\r\nContent-Type: application/json\r\n\r\n{"name": "team/late2.txt"}\r\n'
+        b"--B\r\nContent-Type: text/plain\r\n\r\nDATA\r\n--B--\r\n"
+    )
+    head = (
+        f"POST /upload/storage/v1/b/{BUCKET}/o?uploadType=multipart HTTP/1.1\r\nHost: x\r\n"
+        f"Authorization: Bearer {token}\r\nContent-Type: multipart/related; boundary=B\r\n"
+        f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
+    ).encode()
+    with socket.create_connection(("127.0.0.1", proxy.port), timeout=20) as sock:
+        sock.sendall(head + body[:10])
+        moved = policy.read_text().replace(f'audiences: ["{AUD}"]', 'audiences: ["elsewhere"]')
+        replace_file(policy, moved)
+        proxy.process.send_signal(signal.SIGHUP)
+        eventually(lambda: "policy reloaded (SIGHUP)" in proxy.output())
+        sock.sendall(body[10:])
+        reply = b""
+        while chunk := sock.recv(65536):
+            reply += chunk
+    assert reply.split(b" ", 2)[1] == b"401", reply[:300]
+
+
+class _Held:
+    """What PolicyReloader reads and writes of Components, without a sidecar."""
+
+    def __init__(self, path: Path) -> None:
+        from proxy.policy import compile_policy
+
+        self.policy = compile_policy(load_policy(path))
+        self.verifier = None
+
+
+def _keys_down(reloader: PolicyReloader) -> None:
+    async def unavailable(policy: object, current: object) -> None:
+        raise KeysUnavailable(["keys down"])
+
+    reloader._verifier_for = unavailable  # type: ignore[method-assign,assignment]
+
+
+def test_each_refused_file_starts_its_own_backoff(tmp_path, dev_issuer):
+    """A review: after one file's retries (1, 2, 4, 8 s) ended, the next file refused for
+    keys waited 16 s, the revoked grant meanwhile in force."""
+    policy = tmp_path / "policy.yaml"
+    policy.write_text(policy_text(dev_issuer, readers=f'"user:{ALICE}"'))
+
+    async def gaps() -> list[int]:
+        reloader = PolicyReloader(policy, _Held(policy), session=None, interval=1.0)  # type: ignore[arg-type]
+        _keys_down(reloader)
+        seen = []
+        for readers, times in ((f'"user:{MALLORY}"', 4), ("allAuthenticatedUsers", 1)):
+            replace_file(policy, policy_text(dev_issuer, readers=readers))
+            reloader._signature = fingerprint(policy)  # as the poll or SIGHUP sets it
+            for _ in range(times):
+                assert not await reloader.reload("test")
+                assert reloader._retry_at is not None
+                seen.append(round(reloader._retry_at - asyncio.get_running_loop().time()))
+        return seen
+
+    assert asyncio.run(gaps()) == [1, 2, 4, 8, 1]
+
+
+def test_sighup_only_retries_never_load_an_unsignalled_edit(tmp_path, dev_issuer):
+    """With --reload-interval 0 a retry loads the file it was for, not one written after
+    it without a SIGHUP (a review saw a later edit go live)."""
+    policy = tmp_path / "policy.yaml"
+    policy.write_text(policy_text(dev_issuer, readers=f'"user:{ALICE}"'))
+    held = _Held(policy)
+    first = held.policy.revision
+
+    async def run() -> None:
+        reloader = PolicyReloader(policy, held, session=None, interval=0)  # type: ignore[arg-type]
+        _keys_down(reloader)
+        task = asyncio.create_task(reloader.run())
+        await asyncio.sleep(0.2)
+        replace_file(policy, policy_text(dev_issuer, readers=f'"user:{MALLORY}"'))
+        reloader._hangup.set()  # SIGHUP: refused, keys down; a retry is due in 1 s
+        await asyncio.sleep(0.3)
+        replace_file(policy, policy_text(dev_issuer, readers="allAuthenticatedUsers"))
+        reloader._verifier_for = lambda policy, current: asyncio.sleep(0)  # type: ignore[method-assign,assignment,return-value]
+        await asyncio.sleep(1.5)
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+    asyncio.run(run())
+    assert held.policy.revision == first
