@@ -26,7 +26,7 @@ from proxy.errors import (
     json_error,
 )
 from proxy.forward import Outcome, ResponsePlan
-from proxy.gcs.bodies import Body, read_body
+from proxy.gcs.bodies import METADATA_BODIES, STREAMED_BODIES, Body, read_body
 from proxy.gcs.operation import WRITES, Kind, Operation
 from proxy.gcs.parse import parse_request
 from proxy.gcs.sessions import InvalidSession, SessionSealer, UploadSession
@@ -127,23 +127,6 @@ async def handle(
     outcome = Outcome()
     with calling_upstream(components, operation, outcome, record):
         return await components.forwarder.forward(request, operation, body, token, plan, outcome)
-
-
-# Bodies read_body leaves streaming (nothing in them is needed to decide).
-STREAMED_BODIES = frozenset({Kind.INSERT_MEDIA, Kind.RESUMABLE_CHUNK})
-# Bodies read whole (bounded) because their metadata completes the decision.
-METADATA_BODIES = frozenset(
-    {
-        Kind.INSERT_MULTIPART,
-        Kind.RESUMABLE_START,
-        Kind.PATCH,
-        Kind.UPDATE,
-        Kind.COPY,
-        Kind.REWRITE,
-        Kind.COMPOSE,
-        Kind.ACL,
-    }
-)
 
 
 def _expects_continue(request: web.BaseRequest) -> bool:

@@ -283,18 +283,17 @@ def test_a_policy_refused_for_unavailable_keys_is_tried_again(
         loop_thread.run(runner.cleanup())
 
 
-def test_a_revocation_during_a_metadata_body_decides_the_upload(tmp_path, start, dev_issuer):
-    """Found by a review: the revision in force when the headers arrived decided, so a
-    grant revoked while a multipart body was still coming (up to the body timeout)
-    still let the object be written."""
-    policy = tmp_path / "policy.yaml"
-    policy.write_text(
-        policy_text(dev_issuer, readers=f'"user:{ALICE}"').replace("[read, list]", "[read, write]")
-    )
-    proxy = start(policy, "--reload-interval", "0")
-    token = dev_issuer.mint(audience=AUD, subject="alice", email=ALICE)
+def writer_policy(issuer: DevIssuer) -> str:
+    return policy_text(issuer, readers=f'"user:{ALICE}"').replace("[read, list]", "[read, write]")
+
+
+def upload_across_a_reload(
+    proxy: ProxyProcess, policy: Path, reloaded: str, token: str, name: str
+) -> bytes:
+    """A multipart upload of `name` whose body is still coming when `policy` becomes
+    `reloaded` (SIGHUP, reload confirmed); the raw answer."""
     body = (
-        b'--B\r\nContent-Type: application/json\r\n\r\n{"name": "team/late.txt"}\r\n'
+        b'--B\r\nContent-Type: application/json\r\n\r\n{"name": "' + name.encode() + b'"}\r\n'
         b"--B\r\nContent-Type: text/plain\r\n\r\nDATA\r\n--B--\r\n"
     )
     head = (
@@ -304,13 +303,26 @@ def test_a_revocation_during_a_metadata_body_decides_the_upload(tmp_path, start,
     ).encode()
     with socket.create_connection(("127.0.0.1", proxy.port), timeout=20) as sock:
         sock.sendall(head + body[:10])
-        replace_file(policy, policy_text(dev_issuer, readers=f'"user:{ALICE}"'))
+        replace_file(policy, reloaded)
         proxy.process.send_signal(signal.SIGHUP)
         eventually(lambda: "policy reloaded (SIGHUP)" in proxy.output())
         sock.sendall(body[10:])
         reply = b""
         while chunk := sock.recv(65536):
             reply += chunk
+    return reply
+
+
+def test_a_revocation_during_a_metadata_body_decides_the_upload(tmp_path, start, dev_issuer):
+    """Found by a review: the revision in force when the headers arrived decided, so a
+    grant revoked while a multipart body was still coming (up to the body timeout)
+    still let the object be written."""
+    policy = tmp_path / "policy.yaml"
+    policy.write_text(writer_policy(dev_issuer))
+    proxy = start(policy, "--reload-interval", "0")
+    token = dev_issuer.mint(audience=AUD, subject="alice", email=ALICE)
+    revoked = policy_text(dev_issuer, readers=f'"user:{ALICE}"')
+    reply = upload_across_a_reload(proxy, policy, revoked, token, "team/late.txt")
     assert reply.split(b" ", 2)[1] == b"403", reply[:300]
     assert proxy.audit_records(f"gs://{BUCKET}/team/late.txt")[-1]["audit"]["decision"] == "deny"
 
@@ -320,30 +332,11 @@ def test_tokens_an_issuer_change_revokes_during_a_body_decide_nothing(tmp_path, 
     identity was still the old verifier's; with the issuer's audience changed, a token a
     fresh request could no longer use finished its upload."""
     policy = tmp_path / "policy.yaml"
-    policy.write_text(
-        policy_text(dev_issuer, readers=f'"user:{ALICE}"').replace("[read, list]", "[read, write]")
-    )
+    policy.write_text(writer_policy(dev_issuer))
     proxy = start(policy, "--reload-interval", "0")
     token = dev_issuer.mint(audience=AUD, subject="alice", email=ALICE)
-    body = (
-        b'--B\r\nContent-Type: application/json\r\n\r\n{"name": "team/late2.txt"}\r\n'
-        b"--B\r\nContent-Type: text/plain\r\n\r\nDATA\r\n--B--\r\n"
-    )
-    head = (
-        f"POST /upload/storage/v1/b/{BUCKET}/o?uploadType=multipart HTTP/1.1\r\nHost: x\r\n"
-        f"Authorization: Bearer {token}\r\nContent-Type: multipart/related; boundary=B\r\n"
-        f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
-    ).encode()
-    with socket.create_connection(("127.0.0.1", proxy.port), timeout=20) as sock:
-        sock.sendall(head + body[:10])
-        moved = policy.read_text().replace(f'audiences: ["{AUD}"]', 'audiences: ["elsewhere"]')
-        replace_file(policy, moved)
-        proxy.process.send_signal(signal.SIGHUP)
-        eventually(lambda: "policy reloaded (SIGHUP)" in proxy.output())
-        sock.sendall(body[10:])
-        reply = b""
-        while chunk := sock.recv(65536):
-            reply += chunk
+    moved = policy.read_text().replace(f'audiences: ["{AUD}"]', 'audiences: ["elsewhere"]')
+    reply = upload_across_a_reload(proxy, policy, moved, token, "team/late2.txt")
     assert reply.split(b" ", 2)[1] == b"401", reply[:300]
 
 

@@ -66,6 +66,23 @@ def settle_object(operation: Operation, name: str, extra: tuple[Access, ...] = (
     return replace(operation, object=name, accesses=accesses)
 
 
+# Bodies read_body leaves streaming (nothing in them is needed to decide).
+STREAMED_BODIES = frozenset({Kind.INSERT_MEDIA, Kind.RESUMABLE_CHUNK})
+# Bodies read_body reads whole (bounded): their metadata completes the decision.
+METADATA_BODIES = frozenset(
+    {
+        Kind.INSERT_MULTIPART,
+        Kind.RESUMABLE_START,
+        Kind.PATCH,
+        Kind.UPDATE,
+        Kind.COPY,
+        Kind.REWRITE,
+        Kind.COMPOSE,
+        Kind.ACL,
+    }
+)
+
+
 async def read_body(
     operation: Operation, headers: Mapping[str, str], content: StreamReader
 ) -> tuple[Operation, Body]:
