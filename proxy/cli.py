@@ -20,10 +20,7 @@ from proxy.policy import (
     load_policy,
     parse_policy,
 )
-from proxy.policy.cases import InputError, make_identity, parse_claims, parse_resource, run_tests
-from proxy.policy.gitread import read_source
-from proxy.policy.grants import diff, who_can
-from proxy.policy.lint import LintWarning, lint
+from proxy.policy.model import InputError
 from proxy.settings import SettingsError, add_serve_arguments, resolve
 
 
@@ -154,6 +151,8 @@ def _check(args: argparse.Namespace) -> int:
 
 
 def _lint(args: argparse.Namespace) -> int:
+    from proxy.policy.lint import LintWarning, lint
+
     errors: list[str] = []
     warnings: list[LintWarning] = []
     for path in args.paths:
@@ -173,6 +172,8 @@ def _lint(args: argparse.Namespace) -> int:
 
 
 def _explain(args: argparse.Namespace) -> int:
+    from proxy.policy.cases import make_identity, parse_claims, parse_resource
+
     policy = _load(args.policy)
     bucket, path = parse_resource(args.resource)
     identity = make_identity(policy, {**parse_claims(args.claim), "email": args.identity})
@@ -185,6 +186,9 @@ def _explain(args: argparse.Namespace) -> int:
 
 
 def _who_can(args: argparse.Namespace) -> int:
+    from proxy.policy.cases import parse_resource
+    from proxy.policy.grants import who_can
+
     policy = _load(args.policy)
     bucket, path = parse_resource(args.resource)
     answer = who_can(policy, Access(Verb(args.verb), bucket, path))
@@ -193,12 +197,17 @@ def _who_can(args: argparse.Namespace) -> int:
 
 
 def _test(args: argparse.Namespace) -> int:
+    from proxy.policy.cases import run_tests
+
     report = run_tests([Path(p) for p in args.paths])
     _emit(args, report.as_json(), report.text())
     return 0 if report.ok else 1
 
 
 def _diff(args: argparse.Namespace) -> int:
+    from proxy.policy.gitread import read_source
+    from proxy.policy.grants import diff
+
     try:
         old, new = (parse_policy(read_source(spec)) for spec in (args.old, args.new))
     except PolicyError as exc:

@@ -578,3 +578,23 @@ def test_lint_warns_when_a_subject_folder_spans_issuers(capsys, tmp_path):
     )
     code, out, _ = run(capsys, "lint", str(write(tmp_path / "hashes.yaml", hashes)))
     assert "robot-home" not in out
+
+
+# -- what `serve` loads -------------------------------------------------------------------------
+
+
+def test_serve_leaves_the_policy_tooling_unloaded():
+    # The sidecar runs `gcs-iap-proxy serve` through proxy.cli: test, diff, lint and who-can
+    # (and git, subprocess-based reading) are imported by their own commands only, so the
+    # serving process does not carry them (about 0.26 MiB of idle RSS).
+    code = "import sys, proxy.cli, proxy.serve; print(*sorted(sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    loaded = set(out.stdout.split())
+    assert {"proxy.cli", "proxy.serve", "proxy.policy.load"} <= loaded
+    tooling = {
+        "proxy.policy.cases",
+        "proxy.policy.gitread",
+        "proxy.policy.grants",
+        "proxy.policy.lint",
+    }
+    assert not tooling & loaded

@@ -11,14 +11,10 @@ from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
 from proxy.policy.evaluate import Access, Decision, PolicyIndex, compile_policy, evaluate
 from proxy.policy.load import GOOGLE_ISSUER, PolicyError, load_policy
-from proxy.policy.model import Identity, Policy, Source, Verb, email_vouched
+from proxy.policy.model import Identity, InputError, Policy, Source, Verb, email_vouched
 
 IDENTITY_KEYS = ("email", "sub", "issuer", "email_verified")
 CASE_KEYS = ("name", "identity", "verb", "resource", "expect", "rule")
-
-
-class InputError(ValueError):
-    """A resource, claim or identity given on the command line or in a case is malformed."""
 
 
 def parse_resource(value: str) -> tuple[str, str]:

@@ -95,6 +95,10 @@ def template_safe(value: str | None) -> bool:
     return not any(c in "/\\" or ord(c) < 0x20 or ord(c) == 0x7F for c in value)
 
 
+class InputError(ValueError):
+    """A resource, claim or identity given on the command line or in a case is malformed."""
+
+
 @dataclass(frozen=True)
 class Identity:
     """A verified caller. `email` is set only when the token vouches for it."""
