@@ -376,7 +376,6 @@ _REFUSED_HEADS: dict[type[BaseException], str] = {
     http_exceptions.InvalidURLError: "the request target is not valid",
     http_exceptions.TransferEncodingError: "the chunked body is not valid",
     http_exceptions.ContentLengthError: "the body does not match its length",
-    http_exceptions.ContentEncodingError: "the body's Content-Encoding cannot be decoded",
 }
 
 

@@ -7,6 +7,7 @@
     ├── NotFound               404 notFound
     ├── MethodNotAllowed       405 methodNotAllowed
     ├── PayloadTooLarge        413 uploadTooLarge
+    ├── UnsupportedEncoding    415 unsupportedMediaType (a body coding other than gzip)
     ├── ExpectationFailed      417 expectationFailed
     ├── UpstreamError          502 backendError   (bad or no answer from Cloud Storage)
     ├── Unavailable            503 backendError   (no upstream token, not ready)
@@ -88,6 +89,11 @@ class MethodNotAllowed(ProxyError):
 class PayloadTooLarge(ProxyError):
     status = 413
     reason = "uploadTooLarge"
+
+
+class UnsupportedEncoding(ProxyError):
+    status = 415
+    reason = "unsupportedMediaType"
 
 
 class ExpectationFailed(ProxyError):

@@ -57,6 +57,9 @@ def server_options(limits: Limits) -> dict[str, Any]:
         "max_field_size": limits.max_header_bytes,
         "max_headers": MAX_HEADER_FIELDS,
         "keepalive_timeout": limits.header_timeout,
+        # Bodies are read as sent: a gzip body the proxy only streams goes upstream
+        # compressed, and one it reads is decompressed by proxy.gcs.coding, bounded.
+        "auto_decompress": False,
     }
 
 

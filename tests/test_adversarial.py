@@ -6,6 +6,7 @@ Where fake-gcs-server differs from real Cloud Storage it is said next to the cas
 
 from __future__ import annotations
 
+import gzip
 import http.client
 import json
 import socket
@@ -732,6 +733,177 @@ def test_client_aborting_a_media_upload_creates_nothing(proxy, seeded, relay, to
     time.sleep(0.5)
     assert seeded.get_object(BUCKET, "alice/half.bin") is None
     assert "alice/half.bin" not in seeded.list_names(BUCKET, prefix="alice/")
+
+
+# -- gzip request bodies (gsutil -J, gcloud storage --gzip-in-flight) --------------------------
+# fake-gcs-server decompresses a gzip request body as Cloud Storage does.
+
+MEDIA_GZ = "/upload/storage/v1/b/adv-bucket/o?uploadType=media&name={}"
+MULTIPART = "/upload/storage/v1/b/adv-bucket/o?uploadType=multipart"
+
+
+def test_a_gzip_media_upload_goes_upstream_as_sent(proxy, seeded, relay, tokens):
+    data = b"transport-compressed line\n" * 2000
+    sent = gzip.compress(data)
+    reply = call(
+        proxy,
+        "POST",
+        MEDIA_GZ.format("alice%2Fgz.txt"),
+        tokens["alice"],
+        sent,
+        {"Content-Type": "text/plain", "Content-Encoding": "gzip"},
+    )
+    assert reply.status == 200, reply.body
+    (seen,) = relay.seen
+    assert seen.headers["content-encoding"] == "gzip"
+    assert seen.headers["content-length"] == str(len(sent))
+    assert seen.body_prefix == sent  # not decompressed on the way: upstream does it
+    assert seeded.get_object(BUCKET, "alice/gz.txt") == data
+
+
+def test_a_gzip_multipart_upload_is_checked_and_sent_decompressed(proxy, seeded, relay, tokens):
+    body, content_type = _multipart({"name": "alice/gz-multi.txt"}, b"multipart, compressed")
+    sent = gzip.compress(body[:40]) + gzip.compress(body[40:])  # two members, one body
+    reply = call(
+        proxy,
+        "POST",
+        MULTIPART,
+        tokens["alice"],
+        sent,
+        {"Content-Type": content_type, "Content-Encoding": "GZIP"},
+    )
+    assert reply.status == 200, reply.body
+    (seen,) = relay.seen
+    assert "content-encoding" not in seen.headers
+    assert b'"name": "alice/gz-multi.txt"' in seen.body_prefix  # what was checked went upstream
+    assert seeded.get_object(BUCKET, "alice/gz-multi.txt") == b"multipart, compressed"
+
+
+def test_a_gzip_multipart_into_someone_elses_prefix(proxy, seeded, relay, tokens):
+    body, content_type = _multipart({"name": "bob/secret.txt"}, b"overwritten")
+    reply = call(
+        proxy,
+        "POST",
+        MULTIPART,
+        tokens["alice"],
+        gzip.compress(body),
+        {"Content-Type": content_type, "Content-Encoding": "gzip"},
+    )
+    assert reply.status == 403, reply.body
+    assert "gs://adv-bucket/bob/secret.txt" in reply.error()
+    assert relay.seen == []
+    untouched(seeded)
+
+
+def test_a_gzip_resumable_session_and_chunk(proxy, seeded, relay, tokens):
+    reply = call(
+        proxy,
+        "POST",
+        "/upload/storage/v1/b/adv-bucket/o?uploadType=resumable&name=alice%2Fgz-resumable.txt",
+        tokens["alice"],
+        gzip.compress(b'{"contentType": "text/plain"}'),
+        {"Content-Type": "application/json", "Content-Encoding": "gzip"},
+    )
+    assert reply.status == 200, reply.body
+    session = reply.headers["location"].split(f"127.0.0.1:{proxy.port}", 1)[1]
+    data = b"one resumable chunk, compressed on the wire\n" * 500
+    sent = gzip.compress(data)
+    reply = call(
+        proxy,
+        "PUT",
+        session,
+        tokens["alice"],
+        sent,
+        {"Content-Encoding": "gzip", "Content-Type": "text/plain"},
+    )
+    assert reply.status == 200, reply.body
+    start, chunk = relay.seen
+    assert "content-encoding" not in start.headers
+    assert json.loads(start.body_prefix)["contentType"] == "text/plain"
+    assert (chunk.headers["content-encoding"], chunk.body_prefix) == ("gzip", sent)
+    assert seeded.get_object(BUCKET, "alice/gz-resumable.txt") == data
+
+
+def test_a_gzip_metadata_patch_is_read_decompressed(proxy, seeded, relay, tokens):
+    reply = call(
+        proxy,
+        "PATCH",
+        "/storage/v1/b/adv-bucket/o/alice%2Fmine.txt",
+        tokens["alice"],
+        gzip.compress(b'{"metadata": {"via": "gzip"}}'),
+        {"Content-Type": "application/json", "Content-Encoding": "gzip"},
+    )
+    assert reply.status == 200, reply.body
+    (seen,) = relay.seen
+    assert "content-encoding" not in seen.headers
+    assert json.loads(seen.body_prefix) == {"metadata": {"via": "gzip"}}
+    metadata = seeded.get_metadata(BUCKET, "alice/mine.txt")
+    assert metadata is not None and metadata["metadata"] == {"via": "gzip"}
+
+
+def test_a_gzip_bomb_in_metadata_stops_at_the_metadata_limit(proxy, seeded, relay, tokens):
+    bomb = gzip.compress(b'{"metadata": {"k": "' + b"a" * (64 << 20) + b'"}}')
+    assert len(bomb) < 100_000
+    reply = call(
+        proxy,
+        "PATCH",
+        "/storage/v1/b/adv-bucket/o/alice%2Fmine.txt",
+        tokens["alice"],
+        bomb,
+        {"Content-Type": "application/json", "Content-Encoding": "gzip"},
+    )
+    assert reply.status == 413, reply.body
+    assert relay.seen == []
+    untouched(seeded)
+
+
+@pytest.mark.parametrize("coding", ["br", "deflate", "gzip, gzip", "zstd", "compress"])
+@pytest.mark.parametrize("kind", ["media", "multipart"])
+def test_request_codings_other_than_gzip_are_415(proxy, seeded, relay, tokens, coding, kind):
+    if kind == "media":
+        target, body, content_type = MEDIA_GZ.format("alice%2Fcoded.txt"), b"x" * 64, "text/plain"
+    else:
+        body, content_type = _multipart({"name": "alice/coded.txt"}, b"x")
+        target = MULTIPART
+    reply = call(
+        proxy,
+        "POST",
+        target,
+        tokens["alice"],
+        body,
+        {"Content-Type": content_type, "Content-Encoding": coding},
+    )
+    assert reply.status == 415, reply.body
+    assert json.loads(reply.body)["error"]["errors"][0]["reason"] == "unsupportedMediaType"
+    assert relay.seen == []
+    assert seeded.get_object(BUCKET, "alice/coded.txt") is None
+
+
+@pytest.mark.parametrize(
+    "damage",
+    ["not-gzip", "truncated-in-the-metadata", "truncated-in-the-media", "trailing-garbage"],
+)
+def test_a_damaged_gzip_multipart_stores_nothing(proxy, seeded, relay, tokens, damage):
+    body, content_type = _multipart({"name": "alice/damaged.txt"}, b"m" * 300_000)
+    whole = gzip.compress(body, compresslevel=0)  # stored blocks: a cut lands where it is put
+    sent = {
+        "not-gzip": body,
+        "truncated-in-the-metadata": whole[:60],
+        "truncated-in-the-media": whole[:-5000],
+        "trailing-garbage": whole + b"not another member",
+    }[damage]
+    reply = call(
+        proxy,
+        "POST",
+        MULTIPART,
+        tokens["alice"],
+        sent,
+        {"Content-Type": content_type, "Content-Encoding": "gzip"},
+    )
+    assert reply.status == 400, reply.body
+    assert "gzip" in reply.error()
+    time.sleep(0.3)
+    assert seeded.get_object(BUCKET, "alice/damaged.txt") is None
 
 
 def test_caller_headers_that_never_reach_upstream(proxy, seeded, relay, tokens):

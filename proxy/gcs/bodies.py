@@ -10,6 +10,7 @@ from typing import Any
 from aiohttp import StreamReader
 
 from proxy.errors import BadRequest
+from proxy.gcs.coding import GZIP, BodyReader, Gunzipped, body_coding, held_back
 from proxy.gcs.metadata import checked_metadata, parse_metadata, read_bounded
 from proxy.gcs.multipart import read_multipart
 from proxy.gcs.operation import Kind, Operation, Source
@@ -36,6 +37,7 @@ _ACL_FIELDS = frozenset(
         "projectTeam",
     }
 )
+_ACL_WRITES = frozenset({"POST", "PUT", "PATCH"})
 _COMPOSE_SOURCE_FIELDS = frozenset({"name", "generation", "objectPreconditions"})
 
 
@@ -92,38 +94,44 @@ async def read_body(
         return operation, _media_body(headers, content)
     if kind is Kind.RESUMABLE_CHUNK:
         return operation, _media_body(headers, content, allow_empty=True)
+    if kind not in METADATA_BODIES or (kind is Kind.ACL and operation.method not in _ACL_WRITES):
+        return operation, Body()
+    reader: BodyReader = content
+    gzipped = body_coding(headers) == GZIP
+    if gzipped:  # what is checked is what goes upstream: decompressed
+        reader = Gunzipped(content)
     if kind is Kind.INSERT_MULTIPART:
-        upload = await read_multipart(headers, content)
+        upload = await read_multipart(headers, reader)
         metadata, name, extra = checked_metadata(
             upload.metadata, operation.bucket, operation.object
         )
         metadata["name"] = name  # the URL's name, if any, travels in the metadata we rebuild
         content_type, data = upload.rebuilt(metadata)
+        if gzipped:
+            data = held_back(data)
         body_headers = [("Content-Type", content_type)]
-        length = upload.upstream_length(metadata, _length(headers))
+        length = upload.upstream_length(metadata, None if gzipped else _length(headers))
         if length is not None:
             body_headers.append(("Content-Length", str(length)))
         return settle_object(operation, name, extra), Body(data, tuple(body_headers))
     if kind is Kind.RESUMABLE_START:
         metadata, name, extra = checked_metadata(
-            await _json(content), operation.bucket, operation.object
+            await _json(reader), operation.bucket, operation.object
         )
         metadata["name"] = name
         return settle_object(operation, name, extra), _json_body(metadata)
     if kind in {Kind.PATCH, Kind.UPDATE, Kind.COPY, Kind.REWRITE}:
-        return await _object_metadata(operation, content)
+        return await _object_metadata(operation, reader)
     if kind is Kind.COMPOSE:
-        return _compose(operation, await _json(content))
-    if kind is Kind.ACL and operation.method in {"POST", "PUT", "PATCH"}:
-        return operation, _json_body(_acl_entry(await _json(content)))
-    return operation, Body()
+        return _compose(operation, await _json(reader))
+    return operation, _json_body(_acl_entry(await _json(reader)))  # an ACL entry written
 
 
-async def _json(content: StreamReader) -> dict[str, Any]:
+async def _json(content: BodyReader) -> dict[str, Any]:
     return parse_metadata(await read_bounded(content.iter_any()))
 
 
-async def _object_metadata(operation: Operation, content: StreamReader) -> tuple[Operation, Body]:
+async def _object_metadata(operation: Operation, content: BodyReader) -> tuple[Operation, Body]:
     raw = await _json(content)
     if not raw and operation.kind in {Kind.COPY, Kind.REWRITE}:
         return operation, Body()
@@ -140,6 +148,8 @@ def _media_body(
     headers: Mapping[str, str], content: StreamReader, *, allow_empty: bool = False
 ) -> Body:
     body_headers = [("Content-Type", headers.get("Content-Type", "application/octet-stream"))]
+    if body_coding(headers) == GZIP:  # streamed as sent: Cloud Storage decompresses it
+        body_headers.append(("Content-Encoding", GZIP))
     length = headers.get("Content-Length")
     if length is not None:
         if not length.isdigit():

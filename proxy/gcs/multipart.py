@@ -17,9 +17,8 @@ from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from aiohttp import StreamReader
-
 from proxy.errors import BadRequest
+from proxy.gcs.coding import BodyReader
 from proxy.gcs.metadata import MAX_METADATA_BYTES, parse_metadata
 
 _CHUNK = 1 << 20
@@ -38,7 +37,7 @@ class MultipartUpload:
     boundary: str
     consumed: int
     leftover: bytes
-    content: StreamReader
+    content: BodyReader
     newline: str = "\r\n"  # the caller's: the closing delimiter in its bytes uses the same
 
     @property
@@ -150,7 +149,7 @@ def _parse_head(
     return metadata, media, head.pos, newline
 
 
-async def read_multipart(headers: Mapping[str, str], content: StreamReader) -> MultipartUpload:
+async def read_multipart(headers: Mapping[str, str], content: BodyReader) -> MultipartUpload:
     boundary = boundary_of(headers.get("content-type", ""))
     data = b""
     while True:

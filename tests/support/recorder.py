@@ -9,7 +9,7 @@ async tests (aiohttp) can both use it. Every request is forwarded verbatim:
 - all headers except ``Host`` (replaced by the target's) and the connection-level
   ``Connection``/``Keep-Alive``; ``Content-Length`` is kept, and a body that came in
   chunked goes upstream chunked (aiohttp writes its own ``Transfer-Encoding``);
-- the body, streamed.
+- the body, streamed as it came (a gzip body is not decompressed on the way).
 
 The response is streamed back as is (no decompression); a ``Location`` or
 ``X-Goog-Upload-URL`` header that points at the target is rewritten to point at the
@@ -180,7 +180,9 @@ class RecordingRelay:
         )
         app = web.Application(client_max_size=1024**4)
         app.router.add_route("*", "/{tail:.*}", self._handle)
-        self._runner = web.AppRunner(app, access_log=None, handle_signals=False)
+        self._runner = web.AppRunner(
+            app, access_log=None, handle_signals=False, auto_decompress=False
+        )
         await self._runner.setup()
         site = web.TCPSite(self._runner, self._host, self._port)
         await site.start()
