@@ -96,6 +96,7 @@ async def handle(
         identity = await verifier.verify(request.headers)
     record.identity = _identity_fields(identity)
     operation = parse_request(request.method, request.raw_path, request.headers)
+    _describe(record, operation)  # a refusal from here on names what was asked
     _check_billing(operation, policy)
     session = _open_session(components.sessions, operation, identity)
     if session is not None:
@@ -104,7 +105,6 @@ async def handle(
     if operation.kind in METADATA_BODIES and policy.enforcing:
         refusal = _refused_before_the_body(policy, identity, operation)
         if refusal is not None:
-            _describe(record, operation)
             with authorizing(tracer, record):
                 _record_decision(record, refusal, policy)
                 raise Forbidden(_refusal(identity, refusal))
@@ -117,7 +117,7 @@ async def handle(
         if components.verifier is not verifier:  # and the issuers it trusts now say who
             identity = await components.verifier.verify(request.headers)
             record.identity = _identity_fields(identity)
-    _describe(record, operation)
+    _describe(record, operation)  # the body may have named the object
     with authorizing(tracer, record):
         operation = authorize(policy, identity, operation, record)
     if waiting and operation.kind in STREAMED_BODIES:
@@ -171,6 +171,9 @@ def _describe(record: audit.AuditRecord, operation: Operation) -> None:
         operation.object,
         operation.prefix,
     )
+    if record.verb is None and operation.bucket:  # until a decision names its own
+        path = operation.object if operation.object is not None else operation.prefix or ""
+        record.resource = f"gs://{operation.bucket}/{path}"
 
 
 def _check_billing(operation: Operation, policy: PolicyIndex) -> None:

@@ -305,6 +305,13 @@ def test_user_project_is_refused_unless_listed(proxy, seeded, relay, tokens):
         reply = call(proxy, "GET", target, tokens["alice"], headers=headers)
         assert reply.status == 403
     assert relay.seen == []
+    # Audited as refusals of what was asked, not of an unnamed request.
+    refusals = [
+        r["audit"]
+        for r in proxy.audit_records("gs://adv-bucket/alice/mine.txt")
+        if "billing project" in (r["audit"]["reason"] or "")
+    ]
+    assert [(r["operation"], r["decision"]) for r in refusals] == [("objects.get", "deny")] * 2
 
 
 # -- surface outside the table ------------------------------------------------------------
