@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import socket
 import subprocess
 import sys
@@ -15,7 +16,34 @@ from pathlib import Path
 from typing import Any
 
 
+def _ephemeral_low() -> int:
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
+_EPHEMERAL_LOW = _ephemeral_low()
+_handed_out: set[int] = set()
+
+
 def free_port() -> int:
+    """A port for a sidecar to listen on, below the kernel's ephemeral range: a port found
+    free there by bind(0) can be taken by any outgoing connection (the tests make
+    thousands) before the sidecar binds it, which failed a run with EADDRINUSE. Never
+    the same port twice in one test session."""
+    if _EPHEMERAL_LOW > 21000:
+        for _ in range(500):
+            port = random.randrange(20000, _EPHEMERAL_LOW)  # noqa: S311 - not a secret
+            if port in _handed_out:
+                continue
+            with socket.socket() as s:
+                try:
+                    s.bind(("127.0.0.1", port))
+                except OSError:
+                    continue
+            _handed_out.add(port)
+            return port
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
