@@ -150,10 +150,11 @@ async def _continue(request: web.BaseRequest) -> None:
 async def _read_body(
     request: web.BaseRequest, operation: Operation, limits: Limits
 ) -> tuple[Operation, Body]:
+    limit = limits.max_metadata_bytes
     if not request.body_exists:  # nothing can arrive late: no deadline to keep
-        return await read_body(operation, request.headers, request.content)
+        return await read_body(operation, request.headers, request.content, limit)
     async with body_deadline(limits.body_timeout):
-        return await read_body(operation, request.headers, request.content)
+        return await read_body(operation, request.headers, request.content, limit)
 
 
 def _identity_fields(identity: Identity) -> dict[str, str]:

@@ -9,7 +9,7 @@ import aiohttp
 import pytest
 from aiohttp.base_protocol import BaseProtocol
 
-from proxy.errors import BadRequest
+from proxy.errors import BadRequest, PayloadTooLarge
 from proxy.gcs.multipart import read_multipart
 
 
@@ -69,9 +69,15 @@ async def test_line_endings_are_kept(nl):
             b"--b\r\nbroken header\r\n\r\n{}\r\n--b\r\n\r\nx\r\n--b--",
         ),
         ("multipart/related; boundary=b", b"--b\r\n\r\n{}"),
-        ("multipart/related; boundary=b", b"--b\r\n\r\n" + b"{" * (2 << 20)),
     ],
 )
 async def test_malformed_bodies_are_400(content_type, body):
     with pytest.raises(BadRequest):
         await read_multipart({"content-type": content_type}, reader(body))
+
+
+@pytest.mark.parametrize(("limit", "size"), [(1 << 20, 2 << 20), (1000, 20_000)])
+async def test_a_metadata_part_over_the_limit_is_413_before_more_is_read(limit, size):
+    body = b"--b\r\n\r\n" + b"{" * size
+    with pytest.raises(PayloadTooLarge, match=f"larger than {limit} bytes"):
+        await read_multipart({"content-type": "multipart/related; boundary=b"}, reader(body), limit)

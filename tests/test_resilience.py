@@ -4,6 +4,7 @@ clients, too many requests, several workers. Each test says what a user would ch
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import http.client
 import json
@@ -576,6 +577,41 @@ def test_header_and_metadata_size_limits(limited, bucket, alice_token):
     reply = call(limited.port, "PATCH", object_path("alice/l.txt"), alice_token, body, headers)
     assert_gcs_error(reply, 413, "uploadTooLarge")
     assert call(limited.port, "GET", media_path("alice/l.txt"), alice_token).status == 200
+    # Bodies that announce no length, or a smaller one than they hold, meet the same limit
+    # as they are read: chunked, gzip (2,000 bytes in 40), a multipart upload's metadata.
+    for sent, extra in (
+        (iter([body[:500], body[500:]]), {}),
+        (gzip.compress(body), {"Content-Encoding": "gzip"}),
+    ):
+        reply = call(
+            limited.port, "PATCH", object_path("alice/l.txt"), alice_token, sent, headers | extra
+        )
+        assert_gcs_error(reply, 413, "uploadTooLarge")
+    multipart = (
+        b"--b\r\nContent-Type: application/json\r\n\r\n"
+        + json.dumps({"name": "alice/m.txt", "metadata": {"k": "v" * 2000}}).encode()
+        + b"\r\n--b\r\nContent-Type: text/plain\r\n\r\nm\r\n--b--\r\n"
+    )
+    reply = call(
+        limited.port,
+        "POST",
+        f"/upload/storage/v1/b/{BUCKET}/o?uploadType=multipart",
+        alice_token,
+        multipart,
+        {"Content-Type": "multipart/related; boundary=b"},
+    )
+    assert_gcs_error(reply, 413, "uploadTooLarge")
+    assert bucket.get_object(BUCKET, "alice/m.txt") is None
+    small = json.dumps({"metadata": {"k": "v"}}).encode()
+    reply = call(
+        limited.port,
+        "PATCH",
+        object_path("alice/l.txt"),
+        alice_token,
+        gzip.compress(small),
+        headers | {"Content-Encoding": "gzip"},
+    )
+    assert reply.status == 200
 
 
 def stalled_upload(port: int, token: str, name: str) -> socket.socket:

@@ -11,7 +11,7 @@ from aiohttp import StreamReader
 
 from proxy.errors import BadRequest
 from proxy.gcs.coding import GZIP, BodyReader, Gunzipped, body_coding, held_back
-from proxy.gcs.metadata import checked_metadata, parse_metadata, read_bounded
+from proxy.gcs.metadata import MAX_METADATA_BYTES, checked_metadata, parse_metadata, read_bounded
 from proxy.gcs.multipart import read_multipart
 from proxy.gcs.operation import Kind, Operation, Source
 from proxy.gcs.rawurl import check_object_name
@@ -86,9 +86,14 @@ METADATA_BODIES = frozenset(
 
 
 async def read_body(
-    operation: Operation, headers: Mapping[str, str], content: StreamReader
+    operation: Operation,
+    headers: Mapping[str, str],
+    content: StreamReader,
+    limit: int = MAX_METADATA_BYTES,
 ) -> tuple[Operation, Body]:
-    """Complete the operation from its body (bounded reads only); media is left streaming."""
+    """Complete the operation from its body; media is left streaming. What is read whole
+    (JSON, a multipart metadata part) is bounded by `limit` as it arrives, decompressed:
+    a chunked or gzip body announces no length the first check could have refused."""
     kind = operation.kind
     if kind is Kind.INSERT_MEDIA:
         return operation, _media_body(headers, content)
@@ -101,7 +106,7 @@ async def read_body(
     if gzipped:  # what is checked is what goes upstream: decompressed
         reader = Gunzipped(content)
     if kind is Kind.INSERT_MULTIPART:
-        upload = await read_multipart(headers, reader)
+        upload = await read_multipart(headers, reader, limit)
         metadata, name, extra = checked_metadata(
             upload.metadata, operation.bucket, operation.object
         )
@@ -116,23 +121,25 @@ async def read_body(
         return settle_object(operation, name, extra), Body(data, tuple(body_headers))
     if kind is Kind.RESUMABLE_START:
         metadata, name, extra = checked_metadata(
-            await _json(reader), operation.bucket, operation.object
+            await _json(reader, limit), operation.bucket, operation.object
         )
         metadata["name"] = name
         return settle_object(operation, name, extra), _json_body(metadata)
     if kind in {Kind.PATCH, Kind.UPDATE, Kind.COPY, Kind.REWRITE}:
-        return await _object_metadata(operation, reader)
+        return await _object_metadata(operation, reader, limit)
     if kind is Kind.COMPOSE:
-        return _compose(operation, await _json(reader))
-    return operation, _json_body(_acl_entry(await _json(reader)))  # an ACL entry written
+        return _compose(operation, await _json(reader, limit))
+    return operation, _json_body(_acl_entry(await _json(reader, limit)))  # an ACL entry written
 
 
-async def _json(content: BodyReader) -> dict[str, Any]:
-    return parse_metadata(await read_bounded(content.iter_any()))
+async def _json(content: BodyReader, limit: int) -> dict[str, Any]:
+    return parse_metadata(await read_bounded(content.iter_any(), limit))
 
 
-async def _object_metadata(operation: Operation, content: BodyReader) -> tuple[Operation, Body]:
-    raw = await _json(content)
+async def _object_metadata(
+    operation: Operation, content: BodyReader, limit: int
+) -> tuple[Operation, Body]:
+    raw = await _json(content, limit)
     if not raw and operation.kind in {Kind.COPY, Kind.REWRITE}:
         return operation, Body()
     metadata, _, extra = checked_metadata(raw, operation.bucket, operation.object)

@@ -60,9 +60,9 @@ OUTPUT_ONLY = frozenset(
 )
 
 
-def parse_metadata(body: bytes) -> dict[str, Any]:
-    if len(body) > MAX_METADATA_BYTES:
-        raise PayloadTooLarge("object metadata is larger than 1 MiB")
+def parse_metadata(body: bytes, limit: int = MAX_METADATA_BYTES) -> dict[str, Any]:
+    if len(body) > limit:
+        raise PayloadTooLarge(f"object metadata is larger than {limit} bytes")
     if not body.strip():
         return {}
     try:

@@ -17,12 +17,12 @@ from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from proxy.errors import BadRequest
+from proxy.errors import BadRequest, PayloadTooLarge
 from proxy.gcs.coding import BodyReader
 from proxy.gcs.metadata import MAX_METADATA_BYTES, parse_metadata
 
 _CHUNK = 1 << 20
-_MAX_HEAD = MAX_METADATA_BYTES + 16 * 1024
+_HEADERS_ROOM = 16 * 1024  # the delimiters and part headers around the metadata
 _BOUNDARY = re.compile(r'boundary=(?:"([^"]{1,200})"|([^\s;"]{1,200}))', re.IGNORECASE)
 _TOKEN_SAFE = re.compile(r"^[\x20-\x7e]+$")
 _MEDIA_HEADERS = ("content-type", "content-transfer-encoding")
@@ -122,7 +122,7 @@ class _Head:
 
 
 def _parse_head(
-    data: bytes, boundary: str
+    data: bytes, boundary: str, limit: int
 ) -> tuple[dict[str, Any], dict[str, str], int, str] | None:
     """Metadata, media headers, where the media data starts and the newline; None if incomplete."""
     head = _Head(data, b"--" + boundary.encode())
@@ -134,7 +134,7 @@ def _parse_head(
         raise BadRequest("the multipart body must start with its boundary")
     if head.headers() is None or (raw := head.until_delimiter()) is None:
         return None
-    metadata = parse_metadata(raw)
+    metadata = parse_metadata(raw, limit)
     separator = head.line()
     if separator is None:
         return None
@@ -149,16 +149,19 @@ def _parse_head(
     return metadata, media, head.pos, newline
 
 
-async def read_multipart(headers: Mapping[str, str], content: BodyReader) -> MultipartUpload:
+async def read_multipart(
+    headers: Mapping[str, str], content: BodyReader, limit: int = MAX_METADATA_BYTES
+) -> MultipartUpload:
+    """The head of a multipart upload, its metadata part at most `limit` bytes."""
     boundary = boundary_of(headers.get("content-type", ""))
     data = b""
     while True:
-        parsed = _parse_head(data, boundary)
+        parsed = _parse_head(data, boundary, limit)
         if parsed is not None:
             metadata, media, start, newline = parsed
             return MultipartUpload(metadata, media, boundary, start, data[start:], content, newline)
-        if len(data) > _MAX_HEAD:
-            raise BadRequest("multipart metadata part is larger than 1 MiB")
+        if len(data) > limit + _HEADERS_ROOM:
+            raise PayloadTooLarge(f"multipart metadata part is larger than {limit} bytes")
         chunk = await content.readany()
         if not chunk:
             raise BadRequest("the multipart body ended before its media part")
