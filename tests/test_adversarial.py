@@ -802,6 +802,22 @@ def test_a_gzip_multipart_into_someone_elses_prefix(proxy, seeded, relay, tokens
     untouched(seeded)
 
 
+def test_an_empty_gzip_body_goes_upstream_without_a_coding(proxy, seeded, relay, tokens):
+    # Found by a review: forwarded labelled gzip, upstream failed it (500).
+    reply = call(
+        proxy,
+        "POST",
+        MEDIA_GZ.format("alice%2Fempty-gz.txt"),
+        tokens["alice"],
+        b"",
+        {"Content-Type": "text/plain", "Content-Encoding": "gzip"},
+    )
+    assert reply.status == 200, reply.body
+    (seen,) = relay.seen
+    assert "content-encoding" not in seen.headers
+    assert seeded.get_object(BUCKET, "alice/empty-gz.txt") == b""
+
+
 def test_a_gzip_resumable_session_and_chunk(proxy, seeded, relay, tokens):
     reply = call(
         proxy,
@@ -888,16 +904,32 @@ def test_request_codings_other_than_gzip_are_415(proxy, seeded, relay, tokens, c
 
 @pytest.mark.parametrize(
     "damage",
-    ["not-gzip", "truncated-in-the-metadata", "truncated-in-the-media", "trailing-garbage"],
+    [
+        "not-gzip",
+        "truncated-in-the-metadata",
+        "truncated-in-the-media",
+        "trailing-garbage",
+        "trailing-garbage-after-an-epilogue",  # found by a review: stored, answered 400
+        "truncated-in-an-epilogue",
+        "a-long-epilogue",
+        "too-many-members",
+    ],
 )
 def test_a_damaged_gzip_multipart_stores_nothing(proxy, seeded, relay, tokens, damage):
     body, content_type = _multipart({"name": "alice/damaged.txt"}, b"m" * 300_000)
     whole = gzip.compress(body, compresslevel=0)  # stored blocks: a cut lands where it is put
+    epilogue = gzip.compress(body + b"epilogue text\r\n" * 12_000, compresslevel=0)
     sent = {
         "not-gzip": body,
         "truncated-in-the-metadata": whole[:60],
         "truncated-in-the-media": whole[:-5000],
         "trailing-garbage": whole + b"not another member",
+        "trailing-garbage-after-an-epilogue": epilogue + b"not another member",
+        "truncated-in-an-epilogue": epilogue[:-5000],
+        "a-long-epilogue": epilogue,  # whole, but 190 KB after the closing delimiter
+        "too-many-members": b"".join(
+            gzip.compress(body[i : i + 3000]) for i in range(0, len(body), 3000)
+        ),
     }[damage]
     reply = call(
         proxy,

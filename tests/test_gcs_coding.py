@@ -12,8 +12,8 @@ import pytest
 from aiohttp.base_protocol import BaseProtocol
 from multidict import CIMultiDict, CIMultiDictProxy
 
-from proxy.errors import BadRequest, UnsupportedEncoding
-from proxy.gcs.coding import Gunzipped, body_coding, held_back
+from proxy.errors import BadRequest, PayloadTooLarge, UnsupportedEncoding
+from proxy.gcs.coding import MAX_MEMBERS, Gunzipped, body_coding, held_from
 
 
 def stream(body: bytes, step: int) -> aiohttp.StreamReader:
@@ -75,18 +75,78 @@ def test_other_codings_and_stacks_are_415(values):
         body_coding(headers)
 
 
-async def test_held_back_releases_the_tail_only_after_a_clean_end():
+async def test_members_beyond_the_cap_are_400_before_they_cost_much():
+    # Found by a review: 400,000 empty members (8 MB) held the event loop for seconds.
+    empty = gzip.compress(b"")
+    fine = empty * (MAX_MEMBERS - 1) + gzip.compress(b"{}")
+    assert b"".join([c async for c in Gunzipped(stream(fine, 65536)).iter_any()]) == b"{}"
+    with pytest.raises(BadRequest, match="at most 64 members"):
+        async for _ in Gunzipped(stream(empty * 100_000, 65536)).iter_any():
+            pass
+
+
+async def test_max_input_bounds_what_is_sent_not_only_what_it_inflates_to():
+    # 2 MB of empty stored deflate blocks inflating to 2 bytes: only the body timeout
+    # stopped it (found by a review).
+    padded = zlib.compressobj(wbits=31)
+    body = padded.compress(b"{") + padded.flush(zlib.Z_SYNC_FLUSH)  # byte-aligned here
+    body += b"\x00\x00\x00\xff\xff" * 400_000  # empty stored blocks, none final
+    body += padded.compress(b"}") + padded.flush()
+    assert len(body) > 1_000_000
+    with pytest.raises(PayloadTooLarge, match="larger than 70000 bytes"):
+        async for _ in Gunzipped(stream(body, 65536), max_input=70_000).iter_any():
+            pass
+    whole = [c async for c in Gunzipped(stream(body, 65536)).iter_any()]
+    assert b"".join(whole) == b"{}"
+
+
+async def chunks_of(*pieces: bytes, fail: bool = False):
+    for piece in pieces:
+        yield piece
+    if fail:
+        raise BadRequest("the gzip request body is truncated")
+
+
+@pytest.mark.parametrize("cut", [1, 5, 11, 12, 13, 20])  # every way the marker can straddle
+async def test_held_from_sends_nothing_from_the_delimiter_on_until_a_clean_end(cut):
+    body = b"media bytes " + b"\r\n--BOUNDARY--\r\n" + b"epilogue"
     sent: list[bytes] = []
-
-    async def source(fail: bool):
-        for _ in range(4):
-            yield b"a" * 50_000
-        if fail:
-            raise BadRequest("the gzip request body is truncated")
-
     with pytest.raises(BadRequest):
-        async for chunk in held_back(source(True), hold=65536):
+        async for chunk in held_from(chunks_of(body[:cut], body[cut:], fail=True), b"--BOUNDARY"):
             sent.append(chunk)
-    assert sum(map(len, sent)) == 200_000 - 65536  # the last 64 KiB never left
-    whole = [c async for c in held_back(source(False), hold=65536)]
-    assert b"".join(whole) == b"a" * 200_000
+    assert b"".join(sent) == body[: len(b"media bytes \r\n")][: len(b"".join(sent))]
+    assert b"--BOUNDARY" not in b"".join(sent)
+    whole = [c async for c in held_from(chunks_of(body[:cut], body[cut:]), b"--BOUNDARY")]
+    assert b"".join(whole) == body
+
+
+async def test_held_from_streams_media_without_a_delimiter_and_caps_what_follows_one():
+    media = [os.urandom(50_000) for _ in range(6)]
+    out = [c async for c in held_from(chunks_of(*media), b"--never-in-random-bytes")]
+    assert b"".join(out) == b"".join(media)
+    assert len(out) > 1  # streamed as it came, not gathered to the end
+    with pytest.raises(BadRequest, match="after its closing delimiter"):
+        async for _ in held_from(chunks_of(b"x--B--", b"e" * 70_000), b"--B", limit=65536):
+            pass
+
+
+async def test_a_bomb_lets_the_event_loop_run_between_its_steps():
+    # Found by a review: 256 KB inflating to 256 MiB ran for half a second without letting
+    # the event loop serve anyone else (health checks included).
+    bomb = gzip.compress(b"\0" * (64 << 20))
+    turns = 0
+
+    async def other_request() -> None:
+        nonlocal turns
+        while True:
+            turns += 1
+            await asyncio.sleep(0)
+
+    other = asyncio.create_task(other_request())
+    await asyncio.sleep(0)
+    steps, started = 0, turns
+    async for _ in Gunzipped(stream(bomb, 1 << 20), step=1 << 18).iter_any():
+        steps += 1
+    other.cancel()
+    assert steps == 256
+    assert turns - started >= steps - 1  # a turn for everyone else between steps

@@ -589,7 +589,7 @@ def test_header_and_metadata_size_limits(limited, bucket, alice_token):
         assert_gcs_error(reply, 413, "uploadTooLarge")
     multipart = (
         b"--b\r\nContent-Type: application/json\r\n\r\n"
-        + json.dumps({"name": "alice/m.txt", "metadata": {"k": "v" * 2000}}).encode()
+        + json.dumps({"name": "alice/limit.txt", "metadata": {"k": "v" * 2000}}).encode()
         + b"\r\n--b\r\nContent-Type: text/plain\r\n\r\nm\r\n--b--\r\n"
     )
     reply = call(
@@ -601,7 +601,7 @@ def test_header_and_metadata_size_limits(limited, bucket, alice_token):
         {"Content-Type": "multipart/related; boundary=b"},
     )
     assert_gcs_error(reply, 413, "uploadTooLarge")
-    assert bucket.get_object(BUCKET, "alice/m.txt") is None
+    assert bucket.get_object(BUCKET, "alice/limit.txt") is None
     small = json.dumps({"metadata": {"k": "v"}}).encode()
     reply = call(
         limited.port,

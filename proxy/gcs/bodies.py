@@ -10,7 +10,7 @@ from typing import Any
 from aiohttp import StreamReader
 
 from proxy.errors import BadRequest
-from proxy.gcs.coding import GZIP, BodyReader, Gunzipped, body_coding, held_back
+from proxy.gcs.coding import GZIP, BodyReader, Gunzipped, body_coding
 from proxy.gcs.metadata import MAX_METADATA_BYTES, checked_metadata, parse_metadata, read_bounded
 from proxy.gcs.multipart import read_multipart
 from proxy.gcs.operation import Kind, Operation, Source
@@ -37,6 +37,7 @@ _ACL_FIELDS = frozenset(
         "projectTeam",
     }
 )
+_GZIP_SLACK = 1 << 16  # gzip's own bytes around a body read whole (headers, block framing)
 _ACL_WRITES = frozenset({"POST", "PUT", "PATCH"})
 _COMPOSE_SOURCE_FIELDS = frozenset({"name", "generation", "objectPreconditions"})
 
@@ -104,16 +105,17 @@ async def read_body(
     reader: BodyReader = content
     gzipped = body_coding(headers) == GZIP
     if gzipped:  # what is checked is what goes upstream: decompressed
-        reader = Gunzipped(content)
+        reader = Gunzipped(content, max_input=limit + _GZIP_SLACK)
     if kind is Kind.INSERT_MULTIPART:
         upload = await read_multipart(headers, reader, limit)
+        if isinstance(reader, Gunzipped):
+            reader.max_input = None  # the metadata is read: the media may be any size
+            upload.held = True
         metadata, name, extra = checked_metadata(
             upload.metadata, operation.bucket, operation.object
         )
         metadata["name"] = name  # the URL's name, if any, travels in the metadata we rebuild
         content_type, data = upload.rebuilt(metadata)
-        if gzipped:
-            data = held_back(data)
         body_headers = [("Content-Type", content_type)]
         length = upload.upstream_length(metadata, None if gzipped else _length(headers))
         if length is not None:
@@ -155,9 +157,9 @@ def _media_body(
     headers: Mapping[str, str], content: StreamReader, *, allow_empty: bool = False
 ) -> Body:
     body_headers = [("Content-Type", headers.get("Content-Type", "application/octet-stream"))]
-    if body_coding(headers) == GZIP:  # streamed as sent: Cloud Storage decompresses it
-        body_headers.append(("Content-Encoding", GZIP))
     length = headers.get("Content-Length")
+    if body_coding(headers) == GZIP and length != "0":  # no bytes, nothing to decode
+        body_headers.append(("Content-Encoding", GZIP))  # as sent: Cloud Storage decodes it
     if length is not None:
         if not length.isdigit():
             raise BadRequest("invalid Content-Length")

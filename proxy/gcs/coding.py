@@ -11,18 +11,21 @@ that the caller did not ask Cloud Storage to decode.
 
 from __future__ import annotations
 
+import asyncio
 import zlib
 from collections.abc import AsyncIterator, Mapping
 
 from aiohttp import StreamReader
 from multidict import MultiMapping
 
-from proxy.errors import BadRequest, UnsupportedEncoding
+from proxy.errors import BadRequest, PayloadTooLarge, UnsupportedEncoding
 
 GZIP = "gzip"
 STEP = 1 << 18  # decompressed bytes per step: bounded memory and time on the event loop
 _GZIP_WBITS = 31  # zlib: gzip header and trailer, largest window
 _NAMES = {"gzip": GZIP, "x-gzip": GZIP}
+MAX_MEMBERS = 64  # gzip members in a body the proxy decompresses (one, from real clients)
+HELD_LIMIT = 1 << 16  # a multipart body's closing delimiter and epilogue, held to the end
 
 
 def body_coding(headers: Mapping[str, str]) -> str | None:
@@ -43,15 +46,23 @@ def body_coding(headers: Mapping[str, str]) -> str | None:
 class Gunzipped:
     """The decompressed bytes of a gzip body, read like the aiohttp stream they come from.
 
-    Every member of a multi-member body is read; a truncated member, trailing bytes that
-    are not another member, or bytes that are not gzip at all are 400.
+    Every member of a multi-member body is read, up to `MAX_MEMBERS` (a body of thousands
+    of tiny members costs a decompressor each: CPU on the event loop for nothing); a
+    truncated member, trailing bytes that are not another member, or bytes that are not
+    gzip at all are 400. `max_input`, while set, bounds the compressed bytes read (413):
+    a body read whole is bounded as sent as well as decompressed.
     """
 
-    def __init__(self, content: StreamReader, step: int = STEP) -> None:
+    def __init__(
+        self, content: StreamReader, step: int = STEP, max_input: int | None = None
+    ) -> None:
         self._content = content
         self._step = step
         self._inflate = zlib.decompressobj(_GZIP_WBITS)
         self._input = b""
+        self._members = 1
+        self.received = 0  # compressed bytes read from the caller
+        self.max_input = max_input
 
     async def readany(self) -> bytes:
         """The next decompressed bytes (at most one step); b"" at the end of the body."""
@@ -62,7 +73,13 @@ class Gunzipped:
                     if not self._inflate.eof:
                         raise BadRequest("the gzip request body is truncated")
                     return b""
+                self.received += len(self._input)
+                if self.max_input is not None and self.received > self.max_input:
+                    raise PayloadTooLarge(f"request body is larger than {self.max_input} bytes")
             if self._inflate.eof:  # the last member ended: the next must start here
+                self._members += 1
+                if self._members > MAX_MEMBERS:
+                    raise BadRequest(f"a gzip request body may hold at most {MAX_MEMBERS} members")
                 self._inflate = zlib.decompressobj(_GZIP_WBITS)
             try:
                 out = self._inflate.decompress(self._input, self._step)
@@ -70,6 +87,8 @@ class Gunzipped:
                 raise BadRequest("the request body is not valid gzip") from None
             self._input = self._inflate.unconsumed_tail or self._inflate.unused_data
             if out:
+                if self._input:  # more steps from the same input (a bomb has thousands):
+                    await asyncio.sleep(0)  # other requests run between them
                 return out
 
     async def iter_any(self) -> AsyncIterator[bytes]:
@@ -81,24 +100,40 @@ class Gunzipped:
         return self.iter_any()
 
 
-HOLD = 1 << 16
+async def held_from(
+    chunks: AsyncIterator[bytes], marker: bytes, limit: int = HELD_LIMIT
+) -> AsyncIterator[bytes]:
+    """`chunks` up to the first `marker`; from there on, held until the source has ended
+    without an error (at most `limit` bytes, else 400).
 
-
-async def held_back(chunks: AsyncIterator[bytes], hold: int = HOLD) -> AsyncIterator[bytes]:
-    """`chunks`, the last `hold` bytes held until the source has ended without an error.
-
-    A multipart body ends with its closing delimiter, and Cloud Storage may store the
-    object once it has read that far: held back, it goes upstream only once the whole gzip
-    body has proved whole, so a damaged one stores nothing (the upstream request is cut).
+    The marker is a multipart body's delimiter: Cloud Storage may store the object as soon
+    as it reads the closing one, wherever it lies (an epilogue may follow it). Held, it goes
+    upstream only once the whole gzip body has proved whole, so a damaged body stores
+    nothing: the upstream request is cut before its end.
     """
-    tail = b""
+    keep = len(marker) - 1  # a marker may straddle two chunks
+    carry = b""
+    held: bytearray | None = None
     async for chunk in chunks:
-        tail += chunk
-        if len(tail) > hold:
-            yield tail[:-hold]
-            tail = tail[-hold:]
-    if tail:
-        yield tail
+        if held is None:
+            data = carry + chunk
+            at = data.find(marker)
+            if at < 0:
+                carry = data[-keep:] if len(data) > keep else data
+                if len(data) > keep:
+                    yield data[:-keep]
+                continue
+            if at:
+                yield data[:at]
+            held = bytearray(data[at:])
+        else:
+            held += chunk
+        if len(held) > limit:
+            raise BadRequest("a gzip multipart body goes on too long after its closing delimiter")
+    if held is not None:
+        yield bytes(held)
+    elif carry:
+        yield carry
 
 
 # What a body is read from: as it arrives, or decompressed.

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from proxy.errors import BadRequest, PayloadTooLarge
-from proxy.gcs.coding import BodyReader
+from proxy.gcs.coding import BodyReader, held_from
 from proxy.gcs.metadata import MAX_METADATA_BYTES, parse_metadata
 
 _CHUNK = 1 << 20
@@ -39,6 +39,7 @@ class MultipartUpload:
     leftover: bytes
     content: BodyReader
     newline: str = "\r\n"  # the caller's: the closing delimiter in its bytes uses the same
+    held: bool = False  # the caller's bytes from the first delimiter on wait for the end
 
     @property
     def media_type(self) -> str:
@@ -71,7 +72,17 @@ class MultipartUpload:
         return f'multipart/related; boundary="{self.boundary}"', self._body(self.head(metadata))
 
     async def _body(self, head: bytes) -> AsyncIterator[bytes]:
-        yield head + self.leftover
+        if not self.held:
+            yield head + self.leftover
+            async for chunk in self.content.iter_chunked(_CHUNK):
+                yield chunk
+            return
+        yield head
+        async for chunk in held_from(self._caller_bytes(), b"--" + self.boundary.encode()):
+            yield chunk
+
+    async def _caller_bytes(self) -> AsyncIterator[bytes]:
+        yield self.leftover
         async for chunk in self.content.iter_chunked(_CHUNK):
             yield chunk
 
