@@ -101,6 +101,7 @@ async def handle(
     session = _open_session(components.sessions, operation, identity)
     if session is not None:
         operation = _in_session(operation, session)
+        _describe(record, operation)  # the session names the object
     operation = _open_page_token(components.sessions, operation, identity)
     if operation.kind in METADATA_BODIES and policy.enforcing:
         refusal = _refused_before_the_body(policy, identity, operation)
@@ -172,9 +173,9 @@ def _describe(record: audit.AuditRecord, operation: Operation) -> None:
         operation.object,
         operation.prefix,
     )
-    if record.verb is None and operation.bucket:  # until a decision names its own
-        path = operation.object if operation.object is not None else operation.prefix or ""
-        record.resource = f"gs://{operation.bucket}/{path}"
+    path = operation.object if operation.object is not None else operation.prefix
+    if record.verb is None and operation.bucket and path is not None:
+        record.resource = f"gs://{operation.bucket}/{path}"  # until a decision names its own
 
 
 def _check_billing(operation: Operation, policy: PolicyIndex) -> None:

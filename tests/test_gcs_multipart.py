@@ -69,6 +69,18 @@ async def test_line_endings_are_kept(nl):
             b"--b\r\nbroken header\r\n\r\n{}\r\n--b\r\n\r\nx\r\n--b--",
         ),
         ("multipart/related; boundary=b", b"--b\r\n\r\n{}"),
+        # a review: a megabyte of header lines was re-read in Python at every arrival
+        (
+            "multipart/related; boundary=b",
+            b"--b\r\n"
+            + b"".join(b"h%d: x\r\n" % i for i in range(17))
+            + b"\r\n{}\r\n--b\r\n\r\nx\r\n--b--",
+        ),
+        ("multipart/related; boundary=a\\b", b"--a\\b\r\n\r\n{}\r\n--a\\b\r\n\r\nx\r\n--a\\b--"),
+        (
+            'multipart/related; boundary="' + "b" * 71 + '"',  # RFC 2046: at most 70
+            b"--%s\r\n\r\n{}\r\n--%s\r\n\r\nx\r\n--%s--" % ((b"b" * 71,) * 3),
+        ),
     ],
 )
 async def test_malformed_bodies_are_400(content_type, body):

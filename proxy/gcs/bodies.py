@@ -105,12 +105,10 @@ async def read_body(
     reader: BodyReader = content
     gzipped = body_coding(headers) == GZIP
     if gzipped:  # what is checked is what goes upstream: decompressed
-        reader = Gunzipped(content, max_input=limit + _GZIP_SLACK)
-    if kind is Kind.INSERT_MULTIPART:
+        reader = Gunzipped(content)
+    if kind is Kind.INSERT_MULTIPART:  # its head is bounded decompressed; the media is not
         upload = await read_multipart(headers, reader, limit)
-        if isinstance(reader, Gunzipped):
-            reader.max_input = None  # the metadata is read: the media may be any size
-            upload.held = True
+        upload.held = gzipped
         metadata, name, extra = checked_metadata(
             upload.metadata, operation.bucket, operation.object
         )
@@ -121,6 +119,8 @@ async def read_body(
         if length is not None:
             body_headers.append(("Content-Length", str(length)))
         return settle_object(operation, name, extra), Body(data, tuple(body_headers))
+    if isinstance(reader, Gunzipped):  # read whole: bounded as sent, too
+        reader.max_input = limit + _GZIP_SLACK
     if kind is Kind.RESUMABLE_START:
         metadata, name, extra = checked_metadata(
             await _json(reader, limit), operation.bucket, operation.object
@@ -158,7 +158,8 @@ def _media_body(
 ) -> Body:
     body_headers = [("Content-Type", headers.get("Content-Type", "application/octet-stream"))]
     length = headers.get("Content-Length")
-    if body_coding(headers) == GZIP and length != "0":  # no bytes, nothing to decode
+    chunked = headers.get("Transfer-Encoding", "").lower() == "chunked"
+    if body_coding(headers) == GZIP and (chunked or length not in (None, "0")):
         body_headers.append(("Content-Encoding", GZIP))  # as sent: Cloud Storage decodes it
     if length is not None:
         if not length.isdigit():
@@ -166,7 +167,7 @@ def _media_body(
         body_headers.append(("Content-Length", length))
         if length == "0" and allow_empty:
             return Body(b"", tuple(body_headers))
-    elif headers.get("Transfer-Encoding", "").lower() != "chunked":
+    elif not chunked:
         if allow_empty:
             return Body(b"", (*body_headers, ("Content-Length", "0")))
         raise BadRequest("an upload needs Content-Length or chunked encoding")

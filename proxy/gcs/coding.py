@@ -129,7 +129,9 @@ async def held_from(
         else:
             held += chunk
         if len(held) > limit:
-            raise BadRequest("a gzip multipart body goes on too long after its closing delimiter")
+            raise BadRequest(
+                f"a gzip multipart body goes on for over {limit} bytes after its boundary"
+            )
     if held is not None:
         yield bytes(held)
     elif carry:
