@@ -902,6 +902,47 @@ def test_a_bodiless_gzip_status_query_goes_upstream_without_a_coding(proxy, seed
     assert "content-encoding" not in seen.headers
 
 
+def _apitools_multipart(metadata: dict[str, object], data: bytes) -> tuple[bytes, str]:
+    """A multipart upload built the way apitools builds it for gsutil and gcloud storage:
+    the email package's generator (bare-LF lines) and `boundary=%r`, Python's repr, which
+    puts the boundary in single quotes while the body's delimiters use the bare value."""
+    import email.generator
+    import email.mime.multipart
+    import email.mime.nonmultipart
+    import io
+
+    root = email.mime.multipart.MIMEMultipart("related")
+    root.set_param("type", "application/json")  # unused by the upload; apitools sets it too
+    part = email.mime.nonmultipart.MIMENonMultipart("application", "json")
+    part.set_payload(json.dumps(metadata))
+    root.attach(part)
+    media = email.mime.nonmultipart.MIMENonMultipart("text", "plain")
+    media["Content-Transfer-Encoding"] = "binary"
+    media.set_payload(data.decode())
+    root.attach(media)
+    out = io.StringIO()
+    email.generator.Generator(out, mangle_from_=False).flatten(root, unixfrom=False)
+    body = out.getvalue().split("\n\n", 1)[1]  # apitools sends the payload, not the head
+    return body.encode(), f"multipart/related; boundary={root.get_boundary()!r}"
+
+
+def test_a_multipart_upload_as_gsutil_and_gcloud_send_it(proxy, seeded, relay, tokens):
+    body, content_type = _apitools_multipart({"name": "alice/apitools.txt"}, b"via apitools")
+    assert "boundary='" in content_type and b"\r\n" not in body
+    reply = call(proxy, "POST", MULTIPART, tokens["alice"], body, {"Content-Type": content_type})
+    assert reply.status == 200, reply.body
+    (seen,) = relay.seen
+    boundary = content_type.split("boundary=")[1].strip("'")
+    assert seen.headers["content-type"] == f'multipart/related; boundary="{boundary}"'
+    assert seeded.get_object(BUCKET, "alice/apitools.txt") == b"via apitools"
+    relay.clear()
+    body, content_type = _apitools_multipart({"name": "bob/secret.txt"}, b"overwritten")
+    reply = call(proxy, "POST", MULTIPART, tokens["alice"], body, {"Content-Type": content_type})
+    assert reply.status == 403, reply.body
+    assert relay.seen == []
+    untouched(seeded)
+
+
 def test_a_gzip_metadata_patch_is_read_decompressed(proxy, seeded, relay, tokens):
     reply = call(
         proxy,

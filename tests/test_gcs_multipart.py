@@ -93,3 +93,22 @@ async def test_a_metadata_part_over_the_limit_is_413_before_more_is_read(limit, 
     body = b"--b\r\n\r\n" + b"{" * size
     with pytest.raises(PayloadTooLarge, match=f"larger than {limit} bytes"):
         await read_multipart({"content-type": "multipart/related; boundary=b"}, reader(body), limit)
+
+
+@pytest.mark.parametrize(
+    ("content_type", "delimiter", "forwarded"),
+    [
+        # apitools (gsutil, gcloud storage): `boundary=%r`, delimiters with the bare value
+        ("multipart/related; boundary='==abc=='", b"--==abc==", '"==abc=="'),
+        # a boundary that really is quoted: its delimiters carry the quotes
+        ("multipart/related; boundary='==abc=='", b"--'==abc=='", "\"'==abc=='\""),
+    ],
+)
+async def test_a_repr_quoted_boundary_is_the_one_the_body_uses(content_type, delimiter, forwarded):
+    body = (
+        delimiter + b"\nContent-Type: application/json\n\n{}\n"
+        + delimiter + b"\nContent-Type: text/plain\n\nmedia\n" + delimiter + b"--\n"
+    )  # fmt: skip
+    _, new_type, data = await rebuild(body, content_type, {"name": "x"})
+    assert new_type == f"multipart/related; boundary={forwarded}"
+    assert data.endswith(b"\nmedia\n" + delimiter + b"--\n")

@@ -29,7 +29,8 @@ _BOUNDARY = re.compile(r'boundary=(?:"([^"]{1,200})"|([^\s;"]{1,200}))', re.IGNO
 # and found a smuggled part naming another object).
 _BCHARS = re.compile(r"^[0-9A-Za-z'()+_,\-./:=? ]{0,69}[0-9A-Za-z'()+_,\-./:=?]$")
 _MAX_PART_HEADERS = 16  # a part's header lines: each arrival re-reads them
-_MEDIA_HEADERS = ("content-type", "content-transfer-encoding")
+# MIME-Version: the email package writes it into every part (apitools: gsutil, gcloud).
+_MEDIA_HEADERS = ("content-type", "content-transfer-encoding", "mime-version")
 
 
 @dataclass
@@ -101,6 +102,10 @@ def boundary_of(content_type: str) -> str:
     return boundary
 
 
+def _repr_quoted(boundary: str) -> bool:
+    return len(boundary) > 2 and boundary[0] == boundary[-1] == "'"
+
+
 class _Head:
     """A cursor over the buffered head of the body."""
 
@@ -162,7 +167,9 @@ def _parse_head(
         return None
     unknown = set(media) - set(_MEDIA_HEADERS)
     if unknown or any(c in v for v in media.values() for c in "\r\n"):
-        raise BadRequest("the media part takes only Content-Type and Content-Transfer-Encoding")
+        raise BadRequest(
+            "the media part takes only Content-Type, Content-Transfer-Encoding and MIME-Version"
+        )
     return metadata, media, head.pos, newline
 
 
@@ -171,9 +178,18 @@ async def read_multipart(
 ) -> MultipartUpload:
     """The head of a multipart upload, its metadata part at most `limit` bytes."""
     boundary = boundary_of(headers.get("content-type", ""))
+    settled = not _repr_quoted(boundary)
     data = b""
     while True:
-        parsed = _parse_head(data, boundary, limit)
+        if not settled and (end := data.find(b"\n")) >= 0:
+            # apitools (gsutil, gcloud storage) writes `boundary=%r`: Python's repr quotes
+            # it in single quotes, and its delimiters use the bare value. The opening line
+            # says which; what goes upstream is that boundary, double-quoted.
+            opening = data[:end].removesuffix(b"\r").rstrip(b" \t")
+            if opening == b"--" + boundary[1:-1].encode():
+                boundary = boundary[1:-1]
+            settled = True
+        parsed = _parse_head(data, boundary, limit) if settled else None
         if parsed is not None:
             metadata, media, start, newline = parsed
             return MultipartUpload(metadata, media, boundary, start, data[start:], content, newline)
