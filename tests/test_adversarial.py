@@ -943,6 +943,42 @@ def test_a_multipart_upload_as_gsutil_and_gcloud_send_it(proxy, seeded, relay, t
     untouched(seeded)
 
 
+RESUMABLE_PATH = "/resumable/upload/storage/v1/b/adv-bucket/o"
+
+
+def test_a_session_started_on_the_discovery_resumable_path(proxy, seeded, relay, tokens):
+    """apitools (gsutil, gcloud storage) starts resumable uploads on the discovery
+    document's resumable path; Cloud Storage accepts it (fake-gcs-server does not: 404),
+    so the sidecar forwards the start on the upload path."""
+    headers = {"Content-Type": "application/json", "X-Upload-Content-Type": "text/plain"}
+    target = f"{RESUMABLE_PATH}?alt=json&uploadType=resumable&name=alice%2Fvia-resumable.txt"
+    reply = call(proxy, "POST", target, tokens["alice"], b"{}", headers)
+    assert reply.status == 200, reply.body
+    (start,) = relay.seen
+    assert start.path == "/upload/storage/v1/b/adv-bucket/o"
+    assert "uploadType=resumable" in start.query
+    session = reply.headers["location"].split(f"127.0.0.1:{proxy.port}", 1)[1]
+    reply = call(proxy, "PUT", session, tokens["alice"], b"resumed", {"Content-Type": "text/plain"})
+    assert reply.status == 200, reply.body
+    assert seeded.get_object(BUCKET, "alice/via-resumable.txt") == b"resumed"
+
+
+@pytest.mark.parametrize(
+    ("method", "query"),
+    [
+        ("POST", "uploadType=resumable&name=bob%2Fsecret.txt"),  # the policy still decides
+        ("POST", "uploadType=media&name=alice%2Fx.txt"),  # session starts only
+        ("PUT", "uploadType=resumable&upload_id=anything"),
+        ("GET", "uploadType=resumable&name=alice%2Fx.txt"),
+    ],
+)
+def test_the_resumable_path_takes_session_starts_only(proxy, seeded, relay, tokens, method, query):
+    reply = call(proxy, method, f"{RESUMABLE_PATH}?{query}", tokens["alice"], b"{}")
+    assert reply.status in (403, 405), reply.body
+    assert relay.seen == []
+    untouched(seeded)
+
+
 def test_a_gzip_metadata_patch_is_read_decompressed(proxy, seeded, relay, tokens):
     reply = call(
         proxy,

@@ -15,6 +15,7 @@ _BUCKET = re.compile(r"^[a-z0-9][a-z0-9._-]{1,220}[a-z0-9]$")
 _DIGITS = re.compile(r"^[0-9]{1,20}$")  # generations, metagenerations, counts: never negative
 _BOOL = frozenset({"true", "false"})
 _API_PREFIXES = tuple((api, tuple(api.value[1:].split("/"))) for api in Api)
+_RESUMABLE_PATH = ("resumable", "upload", "storage", "v1")
 _RESERVED_FIRST_SEGMENTS = frozenset({"storage", "upload", "download", "batch", "resumable"})
 
 _PRECONDITIONS = frozenset(
@@ -196,6 +197,12 @@ def _bucket(name: str) -> str:
 
 def _route(method: str, target: RawTarget) -> Operation:
     s = target.segments
+    if s[: len(_RESUMABLE_PATH)] == _RESUMABLE_PATH:
+        # The discovery document's resumable path, which apitools (gsutil, gcloud storage)
+        # starts its sessions on: a session start only, forwarded on the upload path.
+        if target.query.get("uploadType") != "resumable" or "upload_id" in target.query:
+            raise Forbidden("only resumable session starts are permitted on this path")
+        return _route_api(Api.UPLOAD, method, s[len(_RESUMABLE_PATH) :], target.query)
     for api, parts in _API_PREFIXES:
         if s[: len(parts)] == parts:
             return _route_api(api, method, s[len(parts) :], target.query)
