@@ -1,7 +1,7 @@
 """Real clients other than google-cloud-storage, each against the sidecar process in front of
 fake-gcs-server (through the recording relay): gcsfs, gcloud-aio-storage, the Node
-`@google-cloud/storage` package and rclone, configured as the README's "Using it from your app"
-section says. For each client: an allowed identity succeeds, its bytes are checked directly in
+`@google-cloud/storage` package, rclone and gsutil, configured as the README's "Using it from
+your app" section says. For each client: an allowed identity succeeds, its bytes are checked directly in
 fake-gcs-server and nothing appears outside the granted prefix; a denied identity gets the
 client's own 403 error and nothing reaches upstream at all.
 
@@ -64,10 +64,13 @@ BUCKETS = {
     "aio": "clients-gcloud-aio",
     "node": "clients-node",
     "rclone": "clients-rclone",
+    "gsutil": "clients-gsutil",
 }
 NODE_DIR = Path(__file__).parent / "node"
 NODE_SCRIPT = NODE_DIR / "gcs-client.js"
 REQUIRE_ALL = os.environ.get("REQUIRE_ALL_CLIENTS") == "1"
+# gsutil lives in its own environment (its pins are not ours): `.ci/run` makes it.
+GSUTIL = Path(__file__).parent.parent / ".venv-gsutil" / "bin" / "gsutil"
 
 NODE_RESUMABLE_AUTH_BUG = (
     "client bug, @google-cloud/storage 7.22.0: File#startResumableUpload_ does not pass "
@@ -569,4 +572,227 @@ def test_rclone_denied(rclone, untouched, tmp_path: Path):
             attempt,
             done.stderr.decode(),
         )
+    guard.check()
+
+
+# ---------------------------------------------------------------------------------- gsutil
+# gsutil is apitools inside: multipart bodies from the email package with `boundary=%r`,
+# resumable sessions started on /resumable/upload/storage/v1, gzip with `cp -J`. Its JSON
+# API is HTTPS only, so a TLS relay (a throwaway certificate it is told to trust) sits in
+# front of the sidecar; its credentials are a service-account key whose token_uri is a
+# small OAuth2 token endpoint here, answering the JWT-bearer grant with the caller's ID
+# token (gsutil sends whatever access token it is given).
+
+
+def _certificate(directory: Path) -> tuple[Path, Path]:
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
+    now = datetime.datetime.now(datetime.UTC)
+    certificate = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(hours=1))
+        .not_valid_after(now + datetime.timedelta(hours=2))
+        .add_extension(
+            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+            critical=False,
+        )
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    cert, private = directory / "cert.pem", directory / "key.pem"
+    cert.write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
+    private.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    return cert, private
+
+
+async def _tls_relay(port: int, cert: Path, key: Path) -> tuple[asyncio.AbstractServer, int]:
+    import ssl
+
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(cert, key)
+
+    async def pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while data := await reader.read(1 << 16):
+                writer.write(data)
+                await writer.drain()
+        except (ConnectionError, OSError):
+            pass
+        finally:
+            writer.close()
+
+    async def connected(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        up_reader, up_writer = await asyncio.open_connection("127.0.0.1", port)
+        await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
+
+    server = await asyncio.start_server(connected, "127.0.0.1", 0, ssl=context)
+    return server, server.sockets[0].getsockname()[1]
+
+
+async def _token_endpoint(tokens: dict[str, str]) -> tuple[Any, int]:
+    import jwt
+    from aiohttp import web
+
+    from proxy.devserver.issuer import bind_socket, serve_socket
+
+    async def token(request: web.Request) -> web.Response:
+        form = await request.post()
+        assert form["grant_type"] == "urn:ietf:params:oauth:grant-type:jwt-bearer"
+        claims = jwt.decode(str(form["assertion"]), options={"verify_signature": False})
+        access = tokens[claims["iss"]]  # the key's client_email: whose ID token to hand out
+        return web.json_response(
+            {"access_token": access, "token_type": "Bearer", "expires_in": 3000}
+        )
+
+    app = web.Application()
+    app.router.add_post("/token", token)
+    sock = bind_socket("127.0.0.1", 0)
+    runner = await serve_socket(app, sock)
+    return runner, sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def gsutil_front(proxy: ProxyProcess, dev_issuer: DevIssuer, loop_thread, tmp_path_factory):
+    if not GSUTIL.exists():
+        _missing("gsutil (.venv-gsutil)")
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
+    tmp = tmp_path_factory.mktemp("gsutil")
+    cert, key = _certificate(tmp)
+    server, tls_port = loop_thread.run(_tls_relay(proxy.port, cert, key))
+    accounts = {
+        email: f"{email.split('@')[0]}-gsutil@test.iam.gserviceaccount.com"
+        for email in (ALICE, MALLORY)
+    }
+    tokens = {account: id_token(dev_issuer, email) for email, account in accounts.items()}
+    runner, token_port = loop_thread.run(_token_endpoint(tokens))
+    configs = {}
+    for email, account in accounts.items():
+        private = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+        key_file = tmp / f"{account}.json"
+        key_file.write_text(
+            json.dumps(
+                {
+                    "type": "service_account",
+                    "project_id": "test",
+                    "private_key_id": "k1",
+                    "private_key": private.private_bytes(
+                        serialization.Encoding.PEM,
+                        serialization.PrivateFormat.PKCS8,
+                        serialization.NoEncryption(),
+                    ).decode(),
+                    "client_email": account,
+                    "client_id": "1",
+                    "token_uri": f"http://127.0.0.1:{token_port}/token",
+                }
+            )
+        )
+        boto = tmp / f"{account}.boto"
+        boto.write_text(
+            textwrap.dedent(
+                f"""\
+                [Credentials]
+                gs_json_host = 127.0.0.1
+                gs_json_port = {tls_port}
+                gs_service_key_file = {key_file}
+                [Boto]
+                ca_certificates_file = {cert}
+                num_retries = 1
+                [GSUtil]
+                prefer_api = json
+                default_project_id = test
+                resumable_threshold = 1048576
+                [OAuth2]
+                provider_token_uri = http://127.0.0.1:{token_port}/token
+                """
+            )
+        )
+        configs[email] = boto
+    yield configs
+    loop_thread.run(runner.cleanup())
+    server.close()
+
+
+@pytest.fixture
+def gsutil(gsutil_front: dict[str, Path], tmp_path: Path):
+    def run(email: str, *args: str) -> subprocess.CompletedProcess:
+        env = {
+            "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+            "HOME": str(tmp_path),
+            "BOTO_CONFIG": str(gsutil_front[email]),
+            "CLOUDSDK_CONFIG": str(tmp_path / "gcloud"),
+            "NO_GCE_CHECK": "True",
+        }
+        return subprocess.run(
+            [str(GSUTIL), "-q", *args], env=env, capture_output=True, timeout=120, check=False
+        )
+
+    return run
+
+
+def test_gsutil_cp_cat_ls(gsutil, proxy, relay, fake_gcs: FakeGcs, tmp_path: Path):
+    bucket = BUCKETS["gsutil"]
+    upstream = Upstream(fake_gcs, bucket)
+    small, large = os.urandom(2_000), os.urandom(3 << 20)
+    (tmp_path / "small.bin").write_bytes(small)
+    (tmp_path / "large.bin").write_bytes(large)  # over resumable_threshold: a session
+    relay.clear()
+    for source, name, extra in (
+        ("small.bin", "alice/small.bin", ()),  # multipart, boundary=%r
+        ("large.bin", "alice/large.bin", ()),  # resumable, on /resumable/upload/...
+        ("small.bin", "alice/small-gz.bin", ("-J",)),  # multipart, gzip as a whole
+        ("large.bin", "alice/large-gz.bin", ("-J",)),  # resumable, gzip chunks
+    ):
+        done = gsutil(ALICE, "cp", *extra, str(tmp_path / source), f"gs://{bucket}/{name}")
+        assert done.returncode == 0, f"{done.stderr.decode()}\n{audit_tail(proxy)}"
+    upstream.has("alice/small.bin", small)
+    upstream.has("alice/large.bin", large)
+    upstream.has("alice/small-gz.bin", small)
+    upstream.has("alice/large-gz.bin", large)
+    upstream.only_created(
+        "alice/small.bin", "alice/large.bin", "alice/small-gz.bin", "alice/large-gz.bin"
+    )
+    uploads = [s for s in relay.seen if s.method == "POST"]
+    assert all(s.path == f"/upload/storage/v1/b/{bucket}/o" for s in uploads), uploads
+    assert any("uploadType=resumable" in s.query for s in uploads)
+    assert any("uploadType=multipart" in s.query for s in uploads)
+
+    done = gsutil(ALICE, "cat", f"gs://{bucket}/alice/small.bin")
+    assert (done.returncode, done.stdout) == (0, small), done.stderr.decode()
+    done = gsutil(ALICE, "ls", f"gs://{bucket}/alice/*")
+    assert done.returncode == 0, done.stderr.decode()
+    assert f"gs://{bucket}/alice/large-gz.bin" in done.stdout.decode().splitlines()
+
+
+def test_gsutil_denied(gsutil, untouched, tmp_path: Path):
+    bucket = BUCKETS["gsutil"]
+    guard = untouched(bucket)
+    source = tmp_path / "evil.bin"
+    source.write_bytes(b"overwritten")
+    for attempt in (
+        ("cp", str(source), f"gs://{bucket}/alice/keep.txt"),
+        ("cp", str(source), f"gs://{bucket}/alice/planted.txt"),
+        ("cat", f"gs://{bucket}/alice/keep.txt"),
+    ):
+        done = gsutil(MALLORY, *attempt)
+        assert done.returncode != 0, attempt
+        assert b"403" in done.stderr and MALLORY.encode() in done.stderr, done.stderr.decode()
     guard.check()
