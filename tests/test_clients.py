@@ -777,9 +777,36 @@ def test_gsutil_cp_cat_ls(gsutil, proxy, relay, fake_gcs: FakeGcs, tmp_path: Pat
 
     done = gsutil(ALICE, "cat", f"gs://{bucket}/alice/small.bin")
     assert (done.returncode, done.stdout) == (0, small), done.stderr.decode()
+    done = gsutil(ALICE, "cat", "-r", "10-19", f"gs://{bucket}/alice/large.bin")
+    assert (done.returncode, done.stdout) == (0, large[10:20]), done.stderr.decode()
     done = gsutil(ALICE, "ls", f"gs://{bucket}/alice/*")
     assert done.returncode == 0, done.stderr.decode()
     assert f"gs://{bucket}/alice/large-gz.bin" in done.stdout.decode().splitlines()
+
+
+def test_gsutil_rewrite_setmeta_compose(gsutil, proxy, fake_gcs: FakeGcs, tmp_path: Path):
+    # (`rm` and `mv` are left out: fake-gcs-server answers DELETE with 200 `null`, which
+    # apitools cannot decode; see tests/FAKE_GCS_NOTES.md.)
+    bucket = BUCKETS["gsutil"]
+    fake_gcs.put_object(bucket, "alice/one.txt", b"one,")
+    fake_gcs.put_object(bucket, "alice/two.txt", b"two")
+    upstream = Upstream(fake_gcs, bucket)
+    for attempt in (
+        ("cp", f"gs://{bucket}/alice/one.txt", f"gs://{bucket}/alice/copied.txt"),  # rewrite
+        ("setmeta", "-h", "x-goog-meta-owner:alice", f"gs://{bucket}/alice/copied.txt"),
+        ("compose", f"gs://{bucket}/alice/one.txt", f"gs://{bucket}/alice/two.txt",
+         f"gs://{bucket}/alice/both.txt"),
+    ):  # fmt: skip
+        done = gsutil(ALICE, *attempt)
+        assert done.returncode == 0, f"{attempt}: {done.stderr.decode()}\n{audit_tail(proxy)}"
+    upstream.has("alice/copied.txt", b"one,")
+    upstream.has("alice/both.txt", b"one,two")
+    upstream.only_created("alice/copied.txt", "alice/both.txt")
+    metadata = fake_gcs.get_metadata(bucket, "alice/copied.txt")
+    assert metadata is not None and metadata["metadata"] == {"owner": "alice"}
+    done = gsutil(ALICE, "cp", f"gs://{bucket}/alice/one.txt", f"gs://{bucket}/bob/one.txt")
+    assert done.returncode != 0 and b"403" in done.stderr, done.stderr.decode()
+    upstream.only_created("alice/copied.txt", "alice/both.txt")
 
 
 def test_gsutil_denied(gsutil, untouched, tmp_path: Path):
