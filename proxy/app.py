@@ -96,12 +96,12 @@ async def handle(
         identity = await verifier.verify(request.headers)
     record.identity = _identity_fields(identity)
     operation = parse_request(request.method, request.raw_path, request.headers)
-    _describe(record, operation)  # a refusal from here on names what was asked
+    _describe(record, described := operation)  # a refusal from here on names what was asked
     _check_billing(operation, policy)
     session = _open_session(components.sessions, operation, identity)
     if session is not None:
         operation = _in_session(operation, session)
-        _describe(record, operation)  # the session names the object
+        _describe(record, described := operation)  # the session names the object
     operation = _open_page_token(components.sessions, operation, identity)
     if operation.kind in METADATA_BODIES and policy.enforcing:
         refusal = _refused_before_the_body(policy, identity, operation)
@@ -118,7 +118,8 @@ async def handle(
         if components.verifier is not verifier:  # and the issuers it trusts now say who
             identity = await components.verifier.verify(request.headers)
             record.identity = _identity_fields(identity)
-    _describe(record, operation)  # the body may have named the object
+    if operation is not described:  # the body (or a page token) may have named more
+        _describe(record, operation)
     with authorizing(tracer, record):
         operation = authorize(policy, identity, operation, record)
     if waiting and operation.kind in STREAMED_BODIES:

@@ -17,7 +17,7 @@ from proxy.policy import (
     evaluate,
     load_policy,
 )
-from proxy.policy.evaluate import carved_out, evaluate_all, may_be_granted
+from proxy.policy.evaluate import PolicyIndex, carved_out, evaluate_all, may_be_granted
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "policies" / "example.yaml"
 GOOGLE = "https://accounts.google.com"
@@ -31,6 +31,24 @@ def write(tmp_path: Path, text: str, name: str = "policy.yaml") -> Path:
     path = tmp_path / name
     path.write_text(textwrap.dedent(text))
     return path
+
+
+def home_and_sub_folders(tmp_path: Path) -> PolicyIndex:
+    """Everyone may read `home/${email}/` and `sub/${sub}/` of bucket bkt."""
+    path = write(
+        tmp_path,
+        f"""
+        version: 1
+        issuers: [{{issuer: "{GOOGLE}", audiences: [a]}}]
+        rules:
+          - id: home
+            principals: [allAuthenticatedUsers]
+            bucket: bkt
+            prefixes: ["home/${{email}}/", "sub/${{sub}}/"]
+            verbs: [read]
+        """,
+    )
+    return compile_policy(load_policy(path))
 
 
 def errors_of(path: Path) -> list[str]:
@@ -111,20 +129,7 @@ def test_unverified_email_matches_nothing_but_subject(tmp_path):
     [("a/b@example.com", "1"), ("..@example.com", "1"), ("x\n@example.com", "1")],
 )
 def test_unsafe_template_values_never_match(tmp_path, email, subject):
-    path = write(
-        tmp_path,
-        f"""
-        version: 1
-        issuers: [{{issuer: "{GOOGLE}", audiences: [a]}}]
-        rules:
-          - id: home
-            principals: [allAuthenticatedUsers]
-            bucket: bkt
-            prefixes: ["home/${{email}}/", "sub/${{sub}}/"]
-            verbs: [read]
-        """,
-    )
-    index = compile_policy(load_policy(path))
+    index = home_and_sub_folders(tmp_path)
     identity = Identity(GOOGLE, subject, email)
     assert not decide(index, identity, "read", f"gs://bkt/home/{email}/x").allowed
     assert decide(index, identity, "read", "gs://bkt/sub/1/x").allowed
@@ -301,20 +306,7 @@ def test_index_cost_does_not_depend_on_rule_count(tmp_path):
     ],
 )
 def test_template_values_are_not_expanded_again(tmp_path, email, subject, victim):
-    path = write(
-        tmp_path,
-        f"""
-        version: 1
-        issuers: [{{issuer: "{GOOGLE}", audiences: [a]}}]
-        rules:
-          - id: home
-            principals: [allAuthenticatedUsers]
-            bucket: bkt
-            prefixes: ["home/${{email}}/", "sub/${{sub}}/"]
-            verbs: [read]
-        """,
-    )
-    index = compile_policy(load_policy(path))
+    index = home_and_sub_folders(tmp_path)
     identity = Identity(GOOGLE, subject, email)
     assert not decide(index, identity, "read", f"gs://bkt/{victim}x").allowed
     # Their own, literal values still match.

@@ -105,10 +105,12 @@ async def read_body(
     reader: BodyReader = content
     gzipped = body_coding(headers) == GZIP
     if gzipped:  # what is checked is what goes upstream: decompressed
-        reader = Gunzipped(content)
-    if kind is Kind.INSERT_MULTIPART:  # its head is bounded decompressed; the media is not
+        # Read whole, a body is bounded as sent too; a multipart head is bounded
+        # decompressed, and its media is not bounded at all.
+        whole = kind is not Kind.INSERT_MULTIPART
+        reader = Gunzipped(content, max_input=limit + _GZIP_SLACK if whole else None)
+    if kind is Kind.INSERT_MULTIPART:
         upload = await read_multipart(headers, reader, limit)
-        upload.held = gzipped
         metadata, name, extra = checked_metadata(
             upload.metadata, operation.bucket, operation.object
         )
@@ -119,8 +121,6 @@ async def read_body(
         if length is not None:
             body_headers.append(("Content-Length", str(length)))
         return settle_object(operation, name, extra), Body(data, tuple(body_headers))
-    if isinstance(reader, Gunzipped):  # read whole: bounded as sent, too
-        reader.max_input = limit + _GZIP_SLACK
     if kind is Kind.RESUMABLE_START:
         metadata, name, extra = checked_metadata(
             await _json(reader, limit), operation.bucket, operation.object

@@ -49,7 +49,7 @@ class Gunzipped:
     Every member of a multi-member body is read, up to `MAX_MEMBERS` (a body of thousands
     of tiny members costs a decompressor each: CPU on the event loop for nothing); a
     truncated member, trailing bytes that are not another member, or bytes that are not
-    gzip at all are 400. `max_input`, while set, bounds the compressed bytes read (413):
+    gzip at all are 400. `max_input`, if given, bounds the compressed bytes read (413):
     a body read whole is bounded as sent as well as decompressed.
     """
 
@@ -61,8 +61,8 @@ class Gunzipped:
         self._inflate = zlib.decompressobj(_GZIP_WBITS)
         self._input = b""
         self._members = 1
-        self.received = 0  # compressed bytes read from the caller
-        self.max_input = max_input
+        self._received = 0  # compressed bytes read from the caller
+        self._max_input = max_input
 
     async def readany(self) -> bytes:
         """The next decompressed bytes (at most one step); b"" at the end of the body."""
@@ -73,9 +73,9 @@ class Gunzipped:
                     if not self._inflate.eof:
                         raise BadRequest("the gzip request body is truncated")
                     return b""
-                self.received += len(self._input)
-                if self.max_input is not None and self.received > self.max_input:
-                    raise PayloadTooLarge(f"request body is larger than {self.max_input} bytes")
+                self._received += len(self._input)
+                if self._max_input is not None and self._received > self._max_input:
+                    raise PayloadTooLarge(f"request body is larger than {self._max_input} bytes")
             if self._inflate.eof:  # the last member ended: the next must start here
                 self._members += 1
                 if self._members > MAX_MEMBERS:

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from proxy.errors import BadRequest, PayloadTooLarge
-from proxy.gcs.coding import BodyReader, held_from
+from proxy.gcs.coding import BodyReader, Gunzipped, held_from
 from proxy.gcs.metadata import MAX_METADATA_BYTES, parse_metadata
 
 _CHUNK = 1 << 20
@@ -44,7 +44,6 @@ class MultipartUpload:
     leftover: bytes
     content: BodyReader
     newline: str = "\r\n"  # the caller's: the closing delimiter in its bytes uses the same
-    held: bool = False  # the caller's bytes from the first delimiter on wait for the end
 
     @property
     def media_type(self) -> str:
@@ -77,7 +76,9 @@ class MultipartUpload:
         return f'multipart/related; boundary="{self.boundary}"', self._body(self.head(metadata))
 
     async def _body(self, head: bytes) -> AsyncIterator[bytes]:
-        if not self.held:
+        # Decompressed by the proxy (coding.held_from): the caller's bytes from the first
+        # delimiter on wait until the whole gzip body has proved whole.
+        if not isinstance(self.content, Gunzipped):
             yield head + self.leftover
             async for chunk in self.content.iter_chunked(_CHUNK):
                 yield chunk
