@@ -15,6 +15,7 @@ from proxy import audit
 from proxy.components import RECORD, Components
 from proxy.errors import (
     BadRequest,
+    CredentialsRefused,
     ExpectationFailed,
     Forbidden,
     MethodNotAllowed,
@@ -56,8 +57,8 @@ async def render_errors(request: web.BaseRequest, handler: Handler) -> web.Strea
         return await handler(request)
     except ProxyError as error:
         record: audit.AuditRecord | None = request.get(RECORD)
-        if record is not None and record.reason is None and error.status == 403:
-            record.reason = error.message  # refusals before a policy decision say why, too
+        if record is not None and record.reason is None and error.status in (401, 403):
+            record.reason = error.summary  # refusals before a policy decision say why, too
         return error_response(error)
     except web.HTTPException as exc:  # aiohttp's own 4xx (e.g. body too large)
         return error_response(_from_http_exception(exc))
@@ -128,7 +129,13 @@ async def handle(
     plan = _plan(components.sessions, policy, identity, operation, session)
     outcome = Outcome()
     with calling_upstream(components, operation, outcome, record):
-        return await components.forwarder.forward(request, operation, body, token, plan, outcome)
+        try:
+            return await components.forwarder.forward(
+                request, operation, body, token, plan, outcome
+            )
+        except CredentialsRefused:
+            components.tokens.refused(token)
+            raise
 
 
 def _expects_continue(request: web.BaseRequest) -> bool:
@@ -340,6 +347,16 @@ def _record_decision(record: audit.AuditRecord, decision: Decision, policy: Poli
     record.rule_id = decision.rule_id
     record.reason = decision.reason
     record.policy_revision = policy.revision
+    if decision.checks:
+        record.checks = [
+            {
+                "verb": check.access.verb.value,
+                "resource": check.access.resource,
+                "decision": "allow" if check.allowed else "deny",
+                "rule_id": check.rule_id,
+            }
+            for check in decision.checks
+        ]
 
 
 def _refusal(identity: Identity, decision: Decision) -> str:

@@ -48,6 +48,7 @@ class AuditRecord:
     enforced: bool = True
     rule_id: str | None = None
     reason: str | None = None
+    checks: list[dict[str, str | None]] | None = None  # each access of a several-access operation
     policy_revision: str | None = None
     status: int = 0
     request_bytes: int = 0
@@ -96,6 +97,8 @@ class AuditRecord:
             },
             "logging.googleapis.com/labels": {"component": "gcs-iap-proxy"},
         }
+        if self.checks:
+            entry["audit"]["checks"] = self.checks
         if self.trace_id:
             trace = f"projects/{project}/traces/{self.trace_id}" if project else self.trace_id
             entry["logging.googleapis.com/trace"] = trace

@@ -20,6 +20,7 @@ _MIN_SLEEP, _MAX_BACKOFF = 1.0, 60.0
 # google-auth retries an unreachable metadata server for ~15 s; a request waits this long at most.
 TOKEN_WAIT = 2.0
 USABLE_MARGIN = 10.0  # seconds before expiry a token is no longer handed out
+REFUSED_GAP = 30.0  # seconds between refreshes forced by Cloud Storage refusing the token
 
 
 class TokenSource(Protocol):
@@ -29,6 +30,9 @@ class TokenSource(Protocol):
     def ready(self) -> bool: ...
 
     async def token(self) -> str: ...
+
+    def refused(self, token: str) -> None:
+        """Cloud Storage answered 401 to `token`."""
 
 
 class KeyFileRefused(Exception):
@@ -69,6 +73,7 @@ class AdcTokenSource:
         self._refreshing: asyncio.Task[None] | None = None
         self.last_error: str | None = None
         self.refreshes = 0
+        self._refused_at = -math.inf
 
     @property
     def ready(self) -> bool:
@@ -115,6 +120,16 @@ class AdcTokenSource:
         self.last_error = None
         self.refreshes += 1
 
+    def refused(self, token: str) -> None:
+        """Cloud Storage refused the current token (revoked, or the clock is off): the next
+        request fetches another. At most once per REFUSED_GAP, so a storm of refusals
+        cannot turn into one metadata-server call per request."""
+        now = time.monotonic()
+        if token == self._token and now - self._refused_at >= REFUSED_GAP:
+            self._refused_at = now
+            self._expires_at = 0.0
+            log.warning("Cloud Storage refused the upstream token; fetching another")
+
     def _seconds_until_refresh(self) -> float:
         if self._token is None or math.isinf(self._expires_at):
             return _MIN_SLEEP
@@ -145,3 +160,6 @@ class StaticTokenSource:
 
     async def token(self) -> str:
         return self._value
+
+    def refused(self, token: str) -> None:
+        pass  # nothing else to offer

@@ -10,6 +10,7 @@
     ├── UnsupportedEncoding    415 unsupportedMediaType (a body coding other than gzip)
     ├── ExpectationFailed      417 expectationFailed
     ├── UpstreamError          502 backendError   (bad or no answer from Cloud Storage)
+    │   └── CredentialsRefused                    (a 401 to the proxy's own token)
     ├── Unavailable            503 backendError   (no upstream token, not ready)
     └── UpstreamTimeout        504 gatewayTimeout
 
@@ -33,6 +34,11 @@ class ProxyError(Exception):
         super().__init__(message)
         self.message = message
 
+    @property
+    def summary(self) -> str:
+        """What the audit record says was wrong (the caller's message, unless told otherwise)."""
+        return self.message
+
     def headers(self) -> dict[str, str]:
         return {}
 
@@ -51,9 +57,14 @@ class Unauthenticated(ProxyError):
     status = 401
     reason = "authError"
 
-    def __init__(self, message: str, *, missing: bool = False) -> None:
+    def __init__(self, message: str, *, missing: bool = False, summary: str | None = None) -> None:
         super().__init__(message)
         self.missing = missing
+        self._summary = summary or ("no identity token" if missing else None)
+
+    @property
+    def summary(self) -> str:
+        return self._summary or self.message
 
     def headers(self) -> dict[str, str]:
         if self.missing:
@@ -104,6 +115,10 @@ class ExpectationFailed(ProxyError):
 class UpstreamError(ProxyError):
     status = 502
     reason = "backendError"
+
+
+class CredentialsRefused(UpstreamError):
+    """Cloud Storage answered 401 to the proxy's own token: never the caller's 401."""
 
 
 class Unavailable(ProxyError):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import re
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from urllib.parse import parse_qs, urlsplit
@@ -12,7 +13,7 @@ from urllib.parse import parse_qs, urlsplit
 import aiohttp
 from aiohttp import web
 
-from proxy.errors import BadRequest, UpstreamError, UpstreamTimeout
+from proxy.errors import BadRequest, CredentialsRefused, UpstreamError, UpstreamTimeout
 from proxy.gcs.bodies import Body
 from proxy.gcs.build import response_headers, upstream_headers, upstream_target
 from proxy.gcs.operation import Kind, Operation
@@ -93,7 +94,12 @@ class Forwarder:
         plan: ResponsePlan,
         outcome: Outcome,
     ) -> web.StreamResponse:
-        headers = upstream_headers(request.headers, token)
+        reads_answer = operation.kind in _JSON_KINDS and operation.method != "HEAD"
+        links = reads_answer or plan.mint_session is not None
+        origin = _origin(request) if links else ""  # checked before anything is sent
+        headers = upstream_headers(
+            request.headers, token, operation.kind, reads_answer=reads_answer
+        )
         headers.update(body.headers)
         inject(headers)
         target = outcome.target = upstream_target(operation, plan.upload_id)
@@ -103,14 +109,12 @@ class Forwarder:
         try:
             async with await self._send(operation, target, headers, data) as upstream:
                 outcome.status = upstream.status
+                if upstream.status == 401:  # the sidecar's token, not the caller's
+                    raise CredentialsRefused("Cloud Storage refused the proxy's credentials")
                 if plan.mint_session is not None and upstream.status < 300:
-                    return self._session_started(request, operation, upstream, plan.mint_session)
-                if (
-                    operation.kind in _JSON_KINDS
-                    and upstream.status < 300
-                    and operation.method != "HEAD"
-                ):
-                    return await self._json(request, operation, upstream, plan, outcome)
+                    return self._session_started(origin, operation, upstream, plan.mint_session)
+                if reads_answer and upstream.status < 300:
+                    return await self._json(origin, operation, upstream, plan, outcome)
                 return await self._stream(request, upstream, outcome)
         except UpstreamTimeoutError as exc:
             raise UpstreamTimeout("Cloud Storage did not answer in time") from exc
@@ -156,7 +160,7 @@ class Forwarder:
 
     async def _json(
         self,
-        request: web.BaseRequest,
+        origin: str,
         operation: Operation,
         upstream: Response,
         plan: ResponsePlan,
@@ -171,7 +175,7 @@ class Forwarder:
             document = json.loads(raw) if raw else {}
         except ValueError as exc:
             raise UpstreamError("Cloud Storage sent a malformed response") from exc
-        document = reshape(operation.kind, document, _origin(request), plan.keep)
+        document = reshape(operation.kind, document, origin, plan.keep)
         if plan.page_token is not None and isinstance(document, dict):
             following = document.pop("nextPageToken", None)
             if isinstance(following, str) and following:
@@ -179,10 +183,10 @@ class Forwarder:
         payload = json.dumps(document).encode()
         outcome.response_bytes = len(payload)
         headers = response_headers(upstream.headers)
-        headers.pop("Content-Type", None)
-        headers.pop("Content-Encoding", None)
+        headers.popall("Content-Type", None)
+        headers.popall("Content-Encoding", None)
         if operation.kind is Kind.LIST:
-            headers.pop("ETag", None)  # the filtered list is not the document upstream tagged
+            headers.popall("ETag", None)  # the filtered list is not the document upstream tagged
         return web.Response(
             status=upstream.status,
             body=payload,
@@ -193,7 +197,7 @@ class Forwarder:
 
     def _session_started(
         self,
-        request: web.BaseRequest,
+        origin: str,
         operation: Operation,
         upstream: Response,
         mint: Callable[[str], str],
@@ -204,9 +208,9 @@ class Forwarder:
             raise UpstreamError("Cloud Storage did not open an upload session")
         handle = mint(upload_ids[0])
         path = f"/upload/storage/v1/b/{encode_segment(operation.bucket)}/o"
-        proxied = f"{_origin(request)}{path}?uploadType=resumable&upload_id={handle}"
+        proxied = f"{origin}{path}?uploadType=resumable&upload_id={handle}"
         headers = response_headers(upstream.headers)
-        headers.pop("Content-Type", None)
+        headers.popall("Content-Type", None)
         headers["Location"] = proxied
         return web.Response(status=upstream.status, headers=headers)
 
@@ -220,7 +224,6 @@ class Forwarder:
             # reading is still an error document (502/504), not a cut connection.
             body = await upstream.read()
             outcome.response_bytes = len(body)
-            headers = {k: v for k, v in headers.items() if k.lower() != "content-length"}
             return web.Response(status=upstream.status, body=body, headers=headers)
         response = web.StreamResponse(status=upstream.status, headers=headers)
         if length is not None:
@@ -265,4 +268,23 @@ def _stalled(seconds: float | None) -> str:
 
 
 def _origin(request: web.BaseRequest) -> str:
-    return f"{request.scheme}://{request.host}"
+    """Where the caller reached the sidecar, for the links and session URLs answers carry:
+    its Host header when that is a host name or address with an optional port (anything
+    else is 400), else the address the connection came in on."""
+    host = request.headers.get("Host")
+    if host is None:
+        sockname = request.transport.get_extra_info("sockname") if request.transport else None
+        if not sockname:
+            raise BadRequest("the request has no Host header")
+        address, port = sockname[0], sockname[1]
+        host = f"[{address}]:{port}" if ":" in address else f"{address}:{port}"
+    elif not _HOST.fullmatch(host):
+        raise BadRequest("the Host header is not a host name or address")
+    return f"{request.scheme}://{host}"
+
+
+# A DNS name (underscores allowed, as container names have them), an IPv4 address or a
+# bracketed IPv6 literal, and an optional port: nothing that changes what a URL means.
+_HOST = re.compile(
+    r"(?:[A-Za-z0-9_](?:[A-Za-z0-9_.-]{0,252})|\[[0-9A-Fa-f:.]{2,45}\])(?::[0-9]{1,5})?"
+)

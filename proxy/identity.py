@@ -89,11 +89,14 @@ class JwtVerifier:
         authorization = _single(headers, "authorization")
         if not authorization:
             raise Unauthenticated(
-                "no identity token: send Authorization: Bearer <ID token>", missing=True
+                "no identity token: send one in the Authorization header, scheme Bearer",
+                missing=True,
             )
         token = bearer_token(authorization)
         if token is None:
-            raise Unauthenticated("Authorization header must use the Bearer scheme")
+            raise Unauthenticated(
+                "Authorization header must use the Bearer scheme", summary="not a bearer token"
+            )
         return _Presented(
             token, "authorization", tuple(i for i in self.issuers if i.header is None)
         )

@@ -712,6 +712,189 @@ def test_move_needs_delete_on_the_source(
         restricted.stop()
 
 
+def test_a_copy_is_audited_as_the_write_of_its_destination_with_every_check(
+    proxy, seeded, relay, tokens
+):
+    """ "Who wrote gs://.../alice/copy.txt?" finds the copy: the record names the write of
+    its destination (under the rule that allowed it) and lists each access it needed."""
+    target = "/storage/v1/b/adv-bucket/o/alice%2Fmine.txt/copyTo/b/adv-bucket/o/alice%2Fcopy.txt"
+    reply = call(proxy, "POST", target, tokens["alice"], b"", {"Content-Type": "application/json"})
+    assert reply.status == 200, reply.body
+    (record,) = proxy.audit_records(f"gs://{BUCKET}/alice/copy.txt")
+    audit = record["audit"]
+    assert (audit["verb"], audit["rule_id"], audit["decision"]) == ("write", "alice-home", "allow")
+    assert audit["checks"] == [
+        {"verb": "read", "resource": f"gs://{BUCKET}/alice/mine.txt", "decision": "allow",
+         "rule_id": "alice-home"},
+        {"verb": "write", "resource": f"gs://{BUCKET}/alice/copy.txt", "decision": "allow",
+         "rule_id": "alice-home"},
+    ]  # fmt: skip
+    reply = call(
+        proxy,
+        "POST",
+        "/storage/v1/b/adv-bucket/o/alice%2Fcomposed-audited.txt/compose",
+        tokens["alice"],
+        json.dumps(
+            {"sourceObjects": [{"name": "alice/mine.txt"}, {"name": "alice/copy.txt"}]}
+        ).encode(),
+        {"Content-Type": "application/json"},
+    )
+    assert reply.status == 200, reply.body
+    (record,) = proxy.audit_records(f"gs://{BUCKET}/alice/composed-audited.txt")
+    assert record["audit"]["verb"] == "write"
+    assert sorted(c["verb"] for c in record["audit"]["checks"]) == ["read", "read", "write"]
+
+
+# -- headers ------------------------------------------------------------------------------
+
+
+def head_of(method: str, target: str, token: str, *lines: str) -> bytes:
+    """A request head with exactly these header lines (repeats and spellings as given)."""
+    fields = "".join(f"{line}\r\n" for line in lines)
+    return f"{method} {target} HTTP/1.1\r\nAuthorization: Bearer {token}\r\n{fields}\r\n".encode()
+
+
+def status_of(answer: bytes) -> int:
+    return int(answer.split(b" ", 2)[1])
+
+
+def test_headers_the_caller_names_in_connection_do_not_reach_upstream(proxy, seeded, relay, tokens):
+    """RFC 9110 7.6.1: what Connection names is for this hop only."""
+    reply = call(
+        proxy,
+        "GET",
+        "/storage/v1/b/adv-bucket/o/alice%2Fmine.txt?alt=media",
+        tokens["alice"],
+        headers={"Connection": "keep-alive, Range, X-Goog-Api-Client", "Range": "bytes=0-3",
+                 "X-Goog-Api-Client": "gl-python", "If-None-Match": '"other"'},
+    )  # fmt: skip
+    assert (reply.status, reply.body) == (200, b"alice's own")
+    (seen,) = relay.seen
+    assert "range" not in seen.headers and "x-goog-api-client" not in seen.headers
+    assert seen.headers["if-none-match"] == '"other"'
+
+
+@pytest.mark.parametrize(
+    "lines",
+    [
+        ("Host: x", "X-Goog-Encryption-Key: K1", "x-goog-encryption-key: K2"),
+        ("Host: x", "Range: bytes=0-1", "Range: bytes=5-9"),
+        ("Host: x", "If-Modified-Since: Sat, 01 Jan 2000 00:00:00 GMT", "IF-MODIFIED-SINCE: x"),
+    ],
+)
+def test_a_repeated_single_valued_header_is_refused_not_chosen_from(
+    proxy, seeded, relay, tokens, lines
+):
+    target = "/storage/v1/b/adv-bucket/o/alice%2Fmine.txt?alt=media"
+    answer = raw_exchange(
+        proxy, head_of("GET", target, tokens["alice"], "Connection: close", *lines)
+    )
+    assert status_of(answer) == 400
+    assert b"more than one" in answer
+    assert relay.seen == []
+
+
+def test_repeated_hashes_reach_upstream_as_one_list(proxy, seeded, relay, tokens):
+    target = "/upload/storage/v1/b/adv-bucket/o?uploadType=media&name=alice%2Fhashed.txt"
+    head = head_of(
+        "POST", target, tokens["alice"], "Host: x", "Connection: close", "Content-Length: 4",
+        "X-Goog-Hash: crc32c=AAAAAA==", "x-goog-hash: md5=AAAAAAAAAAAAAAAAAAAAAA==",
+    )  # fmt: skip
+    raw_exchange(proxy, head + b"data")
+    (seen,) = relay.seen
+    assert seen.headers["x-goog-hash"] == "crc32c=AAAAAA==,md5=AAAAAAAAAAAAAAAAAAAAAA=="
+
+
+def test_if_range_and_xml_read_preconditions_reach_upstream(proxy, seeded, relay, tokens):
+    """A resumed download must not join a slice of a replaced object onto the old bytes."""
+    call(
+        proxy,
+        "GET",
+        "/storage/v1/b/adv-bucket/o/alice%2Fmine.txt?alt=media",
+        tokens["alice"],
+        headers={"Range": "bytes=1-3", "If-Range": '"an-old-etag"'},
+    )
+    reply = call(
+        proxy,
+        "GET",
+        "/adv-bucket/alice/mine.txt",
+        tokens["alice"],
+        headers={"X-Goog-If-Generation-Match": "1", "X-Goog-If-Metageneration-Match": "2"},
+    )
+    media, xml = relay.seen
+    assert media.headers["if-range"] == '"an-old-etag"'
+    assert xml.headers["x-goog-if-generation-match"] == "1"
+    assert xml.headers["x-goog-if-metageneration-match"] == "2"
+    assert reply.status in (200, 412)  # fake-gcs-server may not read XML preconditions
+
+
+def test_a_json_preconditions_header_never_lifts_create_only(
+    proxy, dev_issuer, fake_gcs, relay, tmp_path, metadata_server
+):
+    """Create-only rests on the ifGenerationMatch=0 parameter the proxy adds; the XML
+    API's precondition headers are not forwarded on JSON requests to compete with it."""
+    policy = tmp_path / "policy.yaml"
+    policy.write_text(
+        f"version: 1\nissuers: [{{issuer: '{dev_issuer.issuer_url}', audiences: ['{AUD}']}}]\n"
+        f"rules:\n  - {{id: w, principals: ['user:{ALICE}'], bucket: {BUCKET}, prefixes: ['alice/'], verbs: [write]}}\n"
+    )
+    restricted = ProxyProcess(policy, relay.url, isolated_env(tmp_path, metadata_server[1]))
+    try:
+        restricted.wait_ready()
+        relay.clear()
+        token = dev_issuer.mint(audience=AUD, subject="alice", email=ALICE)
+        call(
+            restricted,
+            "POST",
+            "/upload/storage/v1/b/adv-bucket/o?uploadType=media&name=alice%2Fcreate-only.txt",
+            token,
+            b"data",
+            {"X-Goog-If-Generation-Match": "123", "x-goog-if-metageneration-match": "1"},
+        )
+        (seen,) = relay.seen
+        assert parse_qs(seen.query)["ifGenerationMatch"] == ["0"]
+        assert not [name for name in seen.headers if name.startswith("x-goog-if-")]
+    finally:
+        restricted.stop()
+
+
+@pytest.mark.parametrize(
+    "host", ["evil.example@127.0.0.1", "a b", "x/y", "x?y", "x#y", "[::1", "host:port"]
+)
+def test_links_never_carry_a_host_header_that_is_not_a_host(proxy, seeded, relay, tokens, host):
+    """selfLink, mediaLink and a session's Location point where the caller reached the
+    sidecar; a Host that is not a host name or address is 400 before anything is sent
+    (a resumable start would otherwise open a session upstream and then fail)."""
+    for method, target in (
+        ("GET", "/storage/v1/b/adv-bucket/o/alice%2Fmine.txt"),
+        ("POST", "/upload/storage/v1/b/adv-bucket/o?uploadType=resumable&name=alice%2Fs.txt"),
+    ):
+        answer = raw_exchange(
+            proxy,
+            head_of(method, target, tokens["alice"], f"Host: {host}", "Content-Length: 0",
+                    "Connection: close"),
+        )  # fmt: skip
+        assert status_of(answer) == 400, answer[:200]
+        assert b"Host header" in answer
+    assert relay.seen == []
+
+
+def test_links_follow_the_host_the_caller_used(proxy, seeded, relay, tokens):
+    target = "/storage/v1/b/adv-bucket/o/alice%2Fmine.txt"
+    answer = raw_exchange(
+        proxy,
+        head_of("GET", target, tokens["alice"], "Host: storage.internal:9180", "Connection: close"),
+    )
+    document = json.loads(answer.split(b"\r\n\r\n", 1)[1])
+    assert document["selfLink"] == f"http://storage.internal:9180{target}"
+    # HTTP/1.0 may leave Host out: the address the connection came in on.
+    answer = raw_exchange(
+        proxy, f"GET {target} HTTP/1.0\r\nAuthorization: Bearer {tokens['alice']}\r\n\r\n".encode()
+    )
+    document = json.loads(answer.split(b"\r\n\r\n", 1)[1])
+    assert document["selfLink"] == f"http://127.0.0.1:{proxy.port}{target}"
+
+
 # -- transport ----------------------------------------------------------------------------
 
 

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import pytest
+from multidict import CIMultiDict, CIMultiDictProxy
 
-from proxy.errors import BadRequest, Forbidden, MethodNotAllowed, ProxyError
-from proxy.gcs.build import upstream_headers, upstream_target
+from proxy.errors import SERVER, BadRequest, Forbidden, MethodNotAllowed, ProxyError
+from proxy.gcs.build import response_headers, upstream_headers, upstream_target
 from proxy.gcs.operation import Kind
 from proxy.gcs.parse import parse_request
 from proxy.policy import Access, Verb
@@ -279,27 +280,92 @@ def test_create_only_precondition_replaces_caller_value():
     )
 
 
+def headers_of(*pairs: tuple[str, str]) -> CIMultiDictProxy[str]:
+    return CIMultiDictProxy(CIMultiDict(pairs))
+
+
 def test_upstream_headers_drop_credentials_and_hop_by_hop():
-    incoming = {
-        "Authorization": "Bearer caller-token",
-        "Cookie": "session=1",
-        "Connection": "keep-alive, X-Secret",
-        "X-Secret": "1",
-        "X-Forwarded-For": "1.2.3.4",
-        "X-Forwarded-Host": "evil",
-        "Proxy-Authorization": "Basic x",
-        "Range": "bytes=0-9",
-        "If-None-Match": '"etag"',
-        "X-Goog-Encryption-Key": "k",
-        "X-Goog-User-Project": "p",
-    }
-    headers = upstream_headers(incoming, "sidecar-token")
+    incoming = headers_of(
+        ("Authorization", "Bearer caller-token"),
+        ("Cookie", "session=1"),
+        ("Connection", "keep-alive, X-Secret"),
+        ("X-Secret", "1"),
+        ("X-Forwarded-For", "1.2.3.4"),
+        ("X-Forwarded-Host", "evil"),
+        ("Proxy-Authorization", "Basic x"),
+        ("Range", "bytes=0-9"),
+        ("If-None-Match", '"etag"'),
+        ("If-Range", '"etag"'),
+        ("X-Goog-Encryption-Key", "k"),
+        ("X-Goog-User-Project", "p"),
+    )
+    headers = upstream_headers(incoming, "sidecar-token", Kind.MEDIA, reads_answer=False)
     assert headers == {
         "Authorization": "Bearer sidecar-token",
-        "Range": "bytes=0-9",
-        "If-None-Match": '"etag"',
-        "X-Goog-Encryption-Key": "k",
+        "range": "bytes=0-9",
+        "if-none-match": '"etag"',
+        "if-range": '"etag"',
+        "x-goog-encryption-key": "k",
     }
+
+
+def test_headers_the_connection_header_names_stay_here():
+    incoming = headers_of(
+        ("Connection", "keep-alive, Range"),
+        ("connection", "If-None-Match , X-Goog-Api-Client"),
+        ("Range", "bytes=0-9"),
+        ("If-None-Match", '"etag"'),
+        ("X-Goog-Api-Client", "gl-python"),
+        ("If-Match", '"kept"'),
+    )
+    headers = upstream_headers(incoming, "t", Kind.MEDIA, reads_answer=False)
+    assert headers == {"Authorization": "Bearer t", "if-match": '"kept"'}
+
+
+def test_a_repeated_list_header_is_joined_any_other_repeat_is_400():
+    incoming = headers_of(("X-Goog-Hash", "crc32c=AAAAAA=="), ("x-goog-hash", "md5=BBBB"))
+    headers = upstream_headers(incoming, "t", Kind.INSERT_MEDIA, reads_answer=True)
+    assert headers["x-goog-hash"] == "crc32c=AAAAAA==,md5=BBBB"
+    for name in ("X-Goog-Encryption-Key", "Range", "If-Range", "User-Agent"):
+        for other in (name, name.lower(), name.upper()):
+            incoming = headers_of((name, "one"), (other, "two"))
+            with pytest.raises(BadRequest, match="more than one"):
+                upstream_headers(incoming, "t", Kind.MEDIA, reads_answer=False)
+
+
+def test_xml_preconditions_go_upstream_on_xml_reads_only():
+    incoming = headers_of(
+        ("X-Goog-If-Generation-Match", "1"), ("x-goog-if-metageneration-match", "2")
+    )
+    xml = upstream_headers(incoming, "t", Kind.XML_GET, reads_answer=False)
+    assert xml["x-goog-if-generation-match"] == "1"
+    assert xml["x-goog-if-metageneration-match"] == "2"
+    # On the JSON API preconditions are parameters, decided by the proxy (create-only).
+    json_upload = upstream_headers(incoming, "t", Kind.INSERT_MEDIA, reads_answer=True)
+    assert json_upload == {"Authorization": "Bearer t"}
+
+
+def test_accept_encoding_goes_upstream_only_for_answers_relayed_as_they_are():
+    incoming = headers_of(("Accept-Encoding", "gzip"), ("Accept", "*/*"))
+    media = upstream_headers(incoming, "t", Kind.MEDIA, reads_answer=False)
+    assert media["accept-encoding"] == "gzip"  # decompressive transcoding stays the caller's
+    document = upstream_headers(incoming, "t", Kind.GET, reads_answer=True)
+    assert "accept-encoding" not in document and document["accept"] == "*/*"
+
+
+def test_answer_headers_drop_what_upstream_connection_names_in_any_case():
+    upstream = headers_of(
+        ("content-type", "application/json"),
+        ("Connection", "X-Hop"),
+        ("x-hop", "1"),
+        ("Set-Cookie2", "a=1"),
+        ("Content-Location", "https://storage.googleapis.com/upload?upload_id=real"),
+        ("ETag", '"e"'),
+    )
+    headers = response_headers(upstream)
+    assert dict(headers) == {"content-type": "application/json", "ETag": '"e"', "Server": SERVER}
+    headers.popall("Content-Type")  # a later pop finds it whatever its spelling
+    assert "content-type" not in headers
 
 
 def test_errors_render_in_gcs_shape():

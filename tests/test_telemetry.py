@@ -318,6 +318,18 @@ def test_unauthenticated_request_is_traced_and_audited(setup: Setup, receiver):
     assert record["httpRequest"]["status"] == 401
     assert record["audit"]["decision"] == "deny"
     assert record["audit"]["identity"] is None
+    assert record["audit"]["reason"] == "no identity token"
+
+
+def test_a_refused_token_is_audited_with_why(setup: Setup, dev_issuer):
+    trace_id, _, traceparent = new_trace()
+    stranger = dev_issuer.mint(audience="someone-else", subject="alice", email=ALICE)
+    target = f"/storage/v1/b/{BUCKET}/o/alice%2Freport.csv"
+    reply = call(setup.proxy, "GET", target, stranger, {"traceparent": traceparent})
+    assert reply.status == 401
+    record = audit_for(setup.proxy, trace_id)
+    assert record["audit"]["reason"] == "identity token audience does not match"
+    assert stranger.rsplit(".", 1)[1] not in setup.proxy.output()
 
 
 def test_audit_record_is_cloud_logging_structured(setup: Setup, dev_issuer, metadata_server):

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from multidict import CIMultiDict, CIMultiDictProxy
 
-from proxy.errors import SERVER
-from proxy.gcs.headers import FORWARDED_REQUEST_HEADERS
+from proxy.errors import SERVER, BadRequest
+from proxy.gcs.headers import FORWARDED_REQUEST_HEADERS, LIST_REQUEST_HEADERS, XML_READ_HEADERS
 from proxy.gcs.operation import Api, Kind, Operation
 from proxy.gcs.rawurl import encode_query, encode_segment
 
@@ -21,11 +21,13 @@ DROPPED_RESPONSE_HEADERS = frozenset(
         "transfer-encoding",
         "upgrade",
         "set-cookie",
+        "set-cookie2",
         "alt-svc",
         "server",
         "x-guploader-uploadid",
         "content-length",
         "location",
+        "content-location",  # may name the real upload session, as Location does
         "x-goog-upload-url",
         "x-goog-upload-control-url",
         "x-goog-upload-status",
@@ -97,16 +99,50 @@ def upstream_target(operation: Operation, upload_id: str | None = None) -> str:
     return f"{path}?{query}" if query else path
 
 
-def upstream_headers(incoming: Mapping[str, str], token: str) -> dict[str, str]:
-    """Allowlisted caller headers plus the sidecar's own token; body headers are set per body."""
-    headers = {k: v for k, v in incoming.items() if k.lower() in FORWARDED_REQUEST_HEADERS}
+def upstream_headers(
+    incoming: CIMultiDictProxy[str], token: str, kind: Kind, *, reads_answer: bool
+) -> dict[str, str]:
+    """The caller's allowlisted headers plus the sidecar's own token; body headers are set
+    per body. Headers the caller's `Connection` names are hop-by-hop (RFC 9110 7.6.1) and
+    stay here. A repeated list-valued header is joined into one; any other repeat, in any
+    spelling, is 400 rather than a choice between values. `Accept-Encoding` is dropped
+    when the sidecar reads the answer itself (a JSON document it rewrites)."""
+    allowed = XML_READ_HEADERS if kind is Kind.XML_GET else FORWARDED_REQUEST_HEADERS
+    headers: dict[str, str] = {}
+    for name, value in incoming.items():
+        key = name.lower()
+        if key not in allowed:
+            continue
+        if key not in headers:
+            headers[key] = value
+        elif key in LIST_REQUEST_HEADERS:
+            headers[key] = f"{headers[key]},{value}"
+        else:
+            raise BadRequest(f"more than one {key} header")
+    if "connection" in incoming:
+        for option in _options(incoming):
+            headers.pop(option, None)
+    if reads_answer:
+        headers.pop("accept-encoding", None)
     headers["Authorization"] = f"Bearer {token}"
     return headers
 
 
-def response_headers(upstream: Mapping[str, str]) -> dict[str, str]:
-    """Cloud Storage's answer headers that reach the caller (its `Server` among the dropped),
-    with the sidecar's own `Server`."""
-    headers = {k: v for k, v in upstream.items() if k.lower() not in DROPPED_RESPONSE_HEADERS}
+def response_headers(upstream: CIMultiDictProxy[str]) -> CIMultiDict[str]:
+    """Cloud Storage's answer headers that reach the caller (its `Server` and any header its
+    `Connection` names among the dropped), with the sidecar's own `Server`."""
+    dropped = DROPPED_RESPONSE_HEADERS
+    if "connection" in upstream:
+        dropped = dropped | _options(upstream)
+    headers = CIMultiDict((k, v) for k, v in upstream.items() if k.lower() not in dropped)
     headers["Server"] = SERVER
     return headers
+
+
+def _options(headers: CIMultiDictProxy[str]) -> frozenset[str]:
+    """The header names a message's `Connection` header lists, lowercased."""
+    return frozenset(
+        option.strip().lower()
+        for value in headers.getall("connection")
+        for option in value.split(",")
+    )

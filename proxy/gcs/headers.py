@@ -14,6 +14,7 @@ FORWARDED_REQUEST_HEADERS = frozenset(
         "if-match",
         "if-modified-since",
         "if-none-match",
+        "if-range",
         "if-unmodified-since",
         "range",
         "user-agent",
@@ -32,9 +33,21 @@ FORWARDED_REQUEST_HEADERS = frozenset(
     }
 )
 
+# More of the caller's headers forwarded on XML API reads (Cloud Storage reads these
+# preconditions from headers there; the JSON API's are parameters, decided by the proxy).
+XML_READ_HEADERS = FORWARDED_REQUEST_HEADERS | frozenset(
+    {"x-goog-if-generation-match", "x-goog-if-metageneration-match"}
+)
+
+# Forwarded headers whose value is a comma-separated list (RFC 9110 5.3): repeats are
+# joined into one. A repeat of any other forwarded header is ambiguous, so refused.
+LIST_REQUEST_HEADERS = frozenset(
+    {"accept", "accept-encoding", "cache-control", "if-match", "if-none-match", "x-goog-hash"}
+)
+
 # Never an issuer's token header (policy `header:`): a token there would reach Cloud Storage,
 # an audit line or a span (user-agent), or change what the request means.
-RESERVED_REQUEST_HEADERS = FORWARDED_REQUEST_HEADERS | frozenset(
+RESERVED_REQUEST_HEADERS = XML_READ_HEADERS | frozenset(
     {
         "authorization",
         "baggage",

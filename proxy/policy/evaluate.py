@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 from collections import defaultdict
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from proxy.policy.model import (
     TEMPLATE_VARIABLES,
@@ -40,6 +40,7 @@ class Decision:
     access: Access
     rule: Rule | None
     reason: str
+    checks: tuple[Decision, ...] = ()  # of an operation needing several accesses: each one
 
     @property
     def rule_id(self) -> str | None:
@@ -226,7 +227,23 @@ def carved_out(index: PolicyIndex, identity: Identity, access: Access) -> bool:
 
 
 def evaluate_all(index: PolicyIndex, identity: Identity, accesses: tuple[Access, ...]) -> Decision:
-    """An operation is allowed only if every access it needs is; the first refusal decides."""
-    decisions = [evaluate(index, identity, access) for access in accesses]
+    """An operation is allowed only if every access it needs is; the first refusal decides.
+    Allowed, the decision named is the one for what the operation changes (a copy's write
+    of its destination, not the read of its source); `checks` holds every decision."""
+    if len(accesses) == 1:
+        return evaluate(index, identity, accesses[0])
+    decisions = tuple(evaluate(index, identity, access) for access in accesses)
     refused = [d for d in decisions if not d.allowed]
-    return refused[0] if refused else decisions[0]
+    named = refused[0] if refused else max(decisions, key=lambda d: _WEIGHT[d.access.verb])
+    return replace(named, checks=decisions)
+
+
+# What an access does to its object, most first: it names an allowed operation's decision.
+_WEIGHT = {
+    Verb.ADMIN: 5,
+    Verb.WRITE: 4,
+    Verb.DELETE: 3,
+    Verb.METADATA: 2,
+    Verb.LIST: 1,
+    Verb.READ: 0,
+}

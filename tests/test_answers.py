@@ -1,0 +1,190 @@
+"""What an upstream answer can carry to the caller, with a real sidecar in front of a scripted
+upstream: answers fake-gcs-server never gives (a 401 to the sidecar's own token, hop-by-hop
+headers it names, lowercase header names, a gzipped JSON document) and Cloud Storage or
+something between may."""
+
+from __future__ import annotations
+
+import gzip
+import http.client
+import json
+import textwrap
+from dataclasses import dataclass, field
+
+import pytest
+from aiohttp import web
+
+from proxy.devserver.issuer import DevIssuer, bind_socket, serve_socket
+from tests.support.proxyproc import ProxyProcess, isolated_env
+from tests.support.threaded import LoopThread
+
+pytestmark = pytest.mark.integration
+
+AUD = "answers"
+BUCKET = "answers-bucket"
+ALICE = "alice@example.com"
+REAL_ID = "real-upload-id-never-for-the-caller"
+
+
+@dataclass
+class Scripted:
+    """Answers by object name; records the Authorization and Accept-Encoding it was sent."""
+
+    seen: list[tuple[str, str | None, str | None]] = field(default_factory=list)
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        path = request.raw_path
+        self.seen.append(
+            (path, request.headers.get("Authorization"), request.headers.get("Accept-Encoding"))
+        )
+        document = {
+            "kind": "storage#object",
+            "bucket": BUCKET,
+            "name": "alice/a.txt",
+            "selfLink": f"https://storage.googleapis.com/storage/v1/b/{BUCKET}/o/alice%2Fa.txt",
+        }
+        if "refused" in path:
+            answer = web.Response(
+                status=401,
+                body=b'{"error": {"code": 401, "message": "Invalid Credentials"}}',
+                headers={"WWW-Authenticate": 'Bearer realm="https://accounts.google.com/"'},
+            )
+        elif "hop" in path:
+            answer = web.Response(body=b"data", content_type="application/octet-stream")
+            answer.headers["Connection"] = "X-Hop-Secret"
+            answer.headers["X-Hop-Secret"] = "hop"
+            answer.headers["Set-Cookie2"] = "up=1"
+            answer.headers["Content-Location"] = f"https://x/upload?upload_id={REAL_ID}"
+            answer.headers["X-Goog-Generation"] = "7"
+        elif "gzipped" in path and "gzip" in request.headers.get("Accept-Encoding", ""):
+            answer = web.Response(body=gzip.compress(json.dumps(document).encode()))
+            answer.headers["Content-Type"] = "application/json"
+            answer.headers["Content-Encoding"] = "gzip"
+        else:
+            answer = web.Response(body=json.dumps(document).encode())
+        return answer
+
+
+async def lowercase_headers(request: web.Request, response: web.StreamResponse) -> None:
+    """Header names as HTTP/1.1 allows them: in any case (aiohttp would capitalise them)."""
+    if "lowercase" in request.raw_path:
+        response.headers.popall("Content-Type", None)
+        response.headers["content-type"] = "application/json; charset=UTF-8"
+
+
+@pytest.fixture(scope="module")
+def scripted(tmp_path_factory, loop_thread: LoopThread, dev_issuer: DevIssuer, metadata_server):  # type: ignore[no-untyped-def]
+    script = Scripted()
+    app = web.Application()
+    app.on_response_prepare.append(lowercase_headers)
+    app.router.add_route("*", "/{tail:.*}", script.handle)
+    sock = bind_socket("127.0.0.1", 0)
+    runner = loop_thread.run(serve_socket(app, sock))
+    tmp = tmp_path_factory.mktemp("answers")
+    policy = tmp / "policy.yaml"
+    policy.write_text(
+        textwrap.dedent(
+            f"""\
+            version: 1
+            issuers:
+              - issuer: {dev_issuer.issuer_url}
+                audiences: ["{AUD}"]
+            rules:
+              - id: alice-home
+                principals: ["user:{ALICE}"]
+                bucket: {BUCKET}
+                prefixes: ["alice/"]
+                verbs: [read, write]
+            """
+        )
+    )
+    upstream = f"http://127.0.0.1:{sock.getsockname()[1]}"
+    process = ProxyProcess(policy, upstream, isolated_env(tmp, metadata_server[1]))
+    process.wait_ready()
+    token = dev_issuer.mint(audience=AUD, subject="alice", email=ALICE)
+    yield process, script, token
+    process.stop()
+    loop_thread.run(runner.cleanup())
+
+
+def get(
+    process: ProxyProcess, target: str, token: str, headers: dict[str, str] | None = None
+) -> http.client.HTTPResponse:
+    connection = http.client.HTTPConnection("127.0.0.1", process.port, timeout=30)
+    connection.request(
+        "GET", target, headers={"Authorization": f"Bearer {token}", **(headers or {})}
+    )
+    response = connection.getresponse()
+    response.read()
+    connection.close()
+    return response
+
+
+def object_path(name: str) -> str:
+    return f"/storage/v1/b/{BUCKET}/o/alice%2F{name}"
+
+
+def test_a_401_to_the_sidecar_token_is_a_502_and_the_next_request_has_another(
+    scripted: tuple[ProxyProcess, Scripted, str],
+) -> None:
+    """Cloud Storage refusing the sidecar's own token is not the caller's 401 (its client
+    would throw away a good ID token and retry): 502, without upstream's challenge."""
+    process, script, token = scripted
+    connection = http.client.HTTPConnection("127.0.0.1", process.port, timeout=30)
+    connection.request(
+        "GET", object_path("refused.txt"), headers={"Authorization": f"Bearer {token}"}
+    )
+    response = connection.getresponse()
+    error = json.loads(response.read())["error"]
+    connection.close()
+    assert response.status == 502
+    assert response.getheader("WWW-Authenticate") is None
+    assert error["code"] == 502 and "credentials" in error["message"]
+    refused_with = script.seen[-1][1]
+    get(process, object_path("fine.txt"), token)
+    assert script.seen[-1][1] not in (None, refused_with)  # a fresh token was fetched
+    assert "Cloud Storage refused the upstream token" in process.output()
+
+
+def test_answer_headers_upstream_connection_names_and_session_urls_stay_behind(
+    scripted: tuple[ProxyProcess, Scripted, str],
+) -> None:
+    process, _, token = scripted
+    response = get(process, object_path("hop.txt") + "?alt=media", token)
+    assert response.status == 200
+    names = {name.lower() for name, _ in response.getheaders()}
+    assert not names & {"x-hop-secret", "set-cookie2", "content-location"}
+    assert response.getheader("X-Goog-Generation") == "7"  # Cloud Storage's own stay
+    assert all(REAL_ID not in value for _, value in response.getheaders())
+
+
+def test_a_lowercase_content_type_from_upstream_is_still_one_content_type(
+    scripted: tuple[ProxyProcess, Scripted, str],
+) -> None:
+    process, _, token = scripted
+    connection = http.client.HTTPConnection("127.0.0.1", process.port, timeout=30)
+    connection.request(
+        "GET", object_path("lowercase.txt"), headers={"Authorization": f"Bearer {token}"}
+    )
+    response = connection.getresponse()
+    document = json.loads(response.read())
+    connection.close()
+    assert response.status == 200
+    assert [v for k, v in response.getheaders() if k.lower() == "content-type"] == [
+        "application/json; charset=UTF-8"
+    ]
+    assert document["selfLink"].startswith(f"http://127.0.0.1:{process.port}/")
+
+
+def test_json_answers_are_asked_for_uncompressed_media_keeps_the_callers_choice(
+    scripted: tuple[ProxyProcess, Scripted, str],
+) -> None:
+    """The sidecar rewrites JSON documents (links, list filtering), so it never asks for a
+    compressed one; a download is relayed as it comes, so the caller's choice stands."""
+    process, script, token = scripted
+    asked = {"Accept-Encoding": "gzip", "User-Agent": "app (gzip)"}
+    response = get(process, object_path("gzipped.txt"), token, asked)
+    assert response.status == 200
+    assert script.seen[-1][2] is None
+    get(process, object_path("gzipped.txt") + "?alt=media", token, asked)
+    assert script.seen[-1][2] == "gzip"
