@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -38,6 +39,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except _Failed as exc:
         print("\n".join(exc.errors), file=sys.stderr)
         return exc.code
+    except BrokenPipeError:
+        # The reader went away (`policy diff ... | head`): no traceback, and none either
+        # when the interpreter flushes stdout on the way out.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -54,7 +60,11 @@ def _parser() -> argparse.ArgumentParser:
     dev.add_argument("--port", type=int, default=9180, help="data port (admin is port+1)")
     dev.set_defaults(run=_dev)
 
-    _add_policy_commands(commands.add_parser("policy", help="policy as code: check, test, diff"))
+    _add_policy_commands(
+        commands.add_parser(
+            "policy", help="policy as code: check, lint, test, explain, who-can, diff"
+        )
+    )
     return parser
 
 

@@ -274,6 +274,10 @@ def test_explain_claims_shape_the_identity(capsys):
     assert run_json(capsys, *base, *home)[1]["decision"] == "allow"
     unverified = run_json(capsys, *base, "--claim", "email_verified=false", *home)[1]
     assert unverified["decision"] == "deny"
+    # As the sidecar reads a token: the string "true" in any letter case vouches.
+    assert (
+        run_json(capsys, *base, "--claim", "email_verified=TRUE", *home)[1]["decision"] == "allow"
+    )
 
 
 def test_explain_usage_and_policy_errors(capsys, tmp_path):
@@ -282,6 +286,8 @@ def test_explain_usage_and_policy_errors(capsys, tmp_path):
     assert code == 2 and "expected gs://BUCKET/OBJECT" in err
     code, _, err = run(capsys, *base, "--claim", "nonsense", "read", "gs://b/x")
     assert code == 2 and "KEY=VALUE" in err
+    code, _, err = run(capsys, *base, "--claim", "groups=admins", "read", "gs://b/x")
+    assert code == 2 and "iss, sub, email_verified" in err  # a claim that decides nothing
     bad = write(tmp_path / "bad.yaml", "version: 1\n" + ISSUERS + "rules: 3\n")
     code, out, err = run(
         capsys, "explain", "--policy", str(bad), "--identity", "a@b.com", "read", "gs://b/x"
@@ -598,3 +604,22 @@ def test_serve_leaves_the_policy_tooling_unloaded():
         "proxy.policy.lint",
     }
     assert not tooling & loaded
+
+
+def test_a_reader_that_stops_early_gets_no_traceback(tmp_path):
+    """`policy diff OLD NEW | head`: the pipe closes while the diff is still printing."""
+    rules = "".join(
+        f"  - {{id: r{i}, principals: ['user:u{i}@example.com'], bucket: bkt, prefixes: ['p{i}/'], verbs: [read]}}\n"
+        for i in range(2000)  # more than a pipe holds
+    )
+    old = write(tmp_path / "old.yaml", "version: 1\n" + ISSUERS + "rules: []\n")
+    new = write(tmp_path / "new.yaml", "version: 1\n" + ISSUERS + "rules:\n" + rules)
+    command = [sys.executable, "-m", "proxy", "policy", "diff", str(old), str(new)]
+    diff = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert diff.stdout is not None and diff.stderr is not None
+    first = diff.stdout.readline()
+    diff.stdout.close()
+    _, stderr = diff.communicate(timeout=60)
+    assert diff.returncode == 1
+    assert first.startswith(b"+ ")
+    assert stderr == b""

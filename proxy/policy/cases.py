@@ -25,12 +25,18 @@ def parse_resource(value: str) -> tuple[str, str]:
     return bucket, path
 
 
+# The token claims a decision depends on besides the email (`--identity`).
+CLAIMS = ("iss", "sub", "email_verified")
+
+
 def parse_claims(claims: Sequence[str]) -> dict[str, str]:
     values: dict[str, str] = {}
     for claim in claims:
         key, sep, value = claim.partition("=")
         if not sep or not key:
             raise InputError(f"expected --claim KEY=VALUE, got {claim!r}")
+        if key not in CLAIMS:
+            raise InputError(f"--claim {key!r}: the claims that decide are {', '.join(CLAIMS)}")
         values[key] = value
     return values
 

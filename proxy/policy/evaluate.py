@@ -127,6 +127,17 @@ class _PrefixTable:
                         return True
         return False
 
+    def allowing(self, identity: Identity) -> list[str]:
+        """The prefixes (templates filled in for `identity`) where some rule allows
+        something: a path under none of them is allowed nothing here."""
+        found = [prefix for prefix, slot in self.static.items() if slot.allow]
+        for templated in self.templates.values():
+            for template, slot in templated.items():
+                expanded = expand_template(template, identity) if slot.allow else None
+                if expanded is not None:
+                    found.append(expanded)
+        return found
+
     def slots(self, identity: Identity, path: str) -> list[_Slot]:
         found: list[_Slot] = []
         for length in self.lengths:
@@ -214,6 +225,17 @@ def may_be_granted(index: PolicyIndex, identity: Identity, verb: Verb, bucket: s
         if table is not None and table.allows_somewhere(verb):
             return True
     return False
+
+
+def allowing(index: PolicyIndex, identity: Identity, bucket: str) -> list[str]:
+    """Prefixes of `bucket` under which some rule allows `identity` something: `evaluate`
+    refuses every path under none of them (what the policy tools skip asking about)."""
+    found: list[str] = []
+    for principal in identity.principals():
+        table = index.tables.get((principal, bucket))
+        if table is not None:
+            found += table.allowing(identity)
+    return found
 
 
 def carved_out(index: PolicyIndex, identity: Identity, access: Access) -> bool:
