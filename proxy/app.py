@@ -360,7 +360,10 @@ def _record_decision(record: audit.AuditRecord, decision: Decision, policy: Poli
 
 
 def _refusal(identity: Identity, decision: Decision) -> str:
-    return f"{identity.display} does not have {decision.access.verb.value} access to {decision.access.resource}"
+    access = decision.access
+    if not access.path and access.verb is Verb.WRITE:  # the object is named in a body not yet read
+        return f"{identity.display} does not have write access to any object of {access.resource}"
+    return f"{identity.display} does not have {access.verb.value} access to {access.resource}"
 
 
 # -- assembly ---------------------------------------------------------------------------

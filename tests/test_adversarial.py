@@ -1617,6 +1617,9 @@ def test_refused_before_a_metadata_body_arrives(proxy, seeded, relay, tokens, wh
         reply = sock.recv(65536)
     assert reply.split(b" ", 2)[1] == b"403", reply[:200]
     assert time.monotonic() - started < 5  # not the body timeout
+    message = json.loads(reply.partition(b"\r\n\r\n")[2])["error"]["message"]
+    named = f"any object of {resource}" if resource.endswith("/") else resource  # no name yet
+    assert message.endswith(f"access to {named}"), message
     assert relay.seen == []
     deadline = time.monotonic() + 5
     while len(records := proxy.audit_records(resource, timeout=0)) == audited:
