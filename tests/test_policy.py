@@ -381,3 +381,69 @@ def test_carved_out_finds_deny_rules_below_a_prefix(tmp_path):
     assert carved("t/") and carved("t/h") and carved("")
     assert not carved("t/a/") and not carved("t/hrx")
     assert carved("u/alice@example.com/") and not carved("u/bob@example.com/")
+
+
+def test_grants_asks_only_where_it_matters_and_finds_what_asking_everywhere_finds():
+    """grants() (behind `policy diff`) skips regions under no prefix that allows the
+    principal anything. Against asking the evaluator about every region and verb, on
+    random policies with templates, domains, groups, subjects, denies and the root."""
+    import random
+
+    import yaml
+
+    from proxy.policy import Access, evaluate
+    from proxy.policy.evaluate import compile_policy, expand_template
+    from proxy.policy.grants import Grant, Representatives, grants, principals_of, regions
+    from proxy.policy.load import PolicyText, parse_policy
+    from proxy.policy.model import ALL_VERBS
+
+    def everywhere(policy, principals, places, people):  # type: ignore[no-untyped-def]
+        index = compile_policy(policy)
+        found = set()
+        for principal in principals:
+            identity = people.identity(principal)
+            if identity is None:
+                continue
+            for bucket, prefixes in places.items():
+                for prefix in prefixes:
+                    path = expand_template(prefix, identity) if "${" in prefix else prefix
+                    for verb in ALL_VERBS:
+                        access = Access(verb, bucket, path if path is not None else prefix)
+                        if evaluate(index, identity, access).allowed:
+                            found.add(Grant(principal, verb.value, bucket, prefix))
+        return found
+
+    chance = random.Random(7)  # noqa: S311 (test data, not secrets)
+    principals = [
+        "user:alice@example.com", "user:bob@example.com", "user:carol@other.org",
+        "serviceAccount:svc@proj.iam.gserviceaccount.com", "domain:example.com",
+        "allAuthenticatedUsers", "group:team", "subject:https://accounts.google.com#123",
+    ]  # fmt: skip
+    prefixes = [
+        "", "a/", "a/b/", "a/bx", "b/", "home/", "home/${email}/", "home/${sub}/x/",
+        "d/${domain}/", "a/${email}",
+    ]  # fmt: skip
+    verbs = ["read", "list", "write", "delete", "metadata", "admin", "*"]
+    for _ in range(60):
+        rules = [
+            {
+                "id": f"r{i}",
+                "effect": chance.choice(["allow", "allow", "deny"]),
+                "principals": chance.sample(principals, chance.randint(1, 3)),
+                "bucket": chance.choice(["bkt-one", "bkt-two"]),
+                "prefixes": chance.sample(prefixes, chance.randint(1, 3)),
+                "verbs": chance.sample(verbs, chance.randint(1, 3)),
+            }
+            for i in range(chance.randint(1, 12))
+        ]
+        document = {
+            "version": 1,
+            "issuers": [{"issuer": "https://accounts.google.com", "audiences": ["a"]}],
+            "groups": {"team": ["user:bob@example.com", "user:dave@example.com"]},
+            "rules": rules,
+        }
+        policy = parse_policy([PolicyText("random.yaml", yaml.safe_dump(document))])
+        named = principals_of(policy)
+        people = Representatives(named)
+        places = regions(policy)
+        assert grants(policy, named, places, people) == everywhere(policy, named, places, people)
