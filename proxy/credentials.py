@@ -74,6 +74,7 @@ class AdcTokenSource:
         self.last_error: str | None = None
         self.refreshes = 0
         self._refused_at = -math.inf
+        self._forced: asyncio.Task[None] | None = None  # kept: a task nobody holds may vanish
 
     @property
     def ready(self) -> bool:
@@ -121,14 +122,15 @@ class AdcTokenSource:
         self.refreshes += 1
 
     def refused(self, token: str) -> None:
-        """Cloud Storage refused the current token (revoked, or the clock is off): the next
-        request fetches another. At most once per REFUSED_GAP, so a storm of refusals
-        cannot turn into one metadata-server call per request."""
+        """Cloud Storage refused the current token (revoked, or the clock is off): fetch
+        another now, in the background. The token stays in use (and /readyz stays 200)
+        until a new one replaces it: readiness must not wait for a request to come. At
+        most once per REFUSED_GAP, so a storm of refusals is not a storm of refreshes."""
         now = time.monotonic()
         if token == self._token and now - self._refused_at >= REFUSED_GAP:
             self._refused_at = now
-            self._expires_at = 0.0
             log.warning("Cloud Storage refused the upstream token; fetching another")
+            self._forced = asyncio.get_running_loop().create_task(self.refresh())
 
     def _seconds_until_refresh(self) -> float:
         if self._token is None or math.isinf(self._expires_at):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import json
 import re
 from collections.abc import AsyncIterator, Callable
@@ -278,13 +279,32 @@ def _origin(request: web.BaseRequest) -> str:
             raise BadRequest("the request has no Host header")
         address, port = sockname[0], sockname[1]
         host = f"[{address}]:{port}" if ":" in address else f"{address}:{port}"
-    elif not _HOST.fullmatch(host):
+    elif not _usable_host(host):
         raise BadRequest("the Host header is not a host name or address")
     return f"{request.scheme}://{host}"
 
 
-# A DNS name (underscores allowed, as container names have them), an IPv4 address or a
-# bracketed IPv6 literal, and an optional port: nothing that changes what a URL means.
-_HOST = re.compile(
-    r"(?:[A-Za-z0-9_](?:[A-Za-z0-9_.-]{0,252})|\[[0-9A-Fa-f:.]{2,45}\])(?::[0-9]{1,5})?"
-)
+def _usable_host(host: str) -> bool:
+    """A DNS name (underscores allowed, as container names have them; no empty label), an
+    IPv4 address or a bracketed IPv6 literal without a zone, then an optional port 1-65535:
+    nothing that changes what a URL means or that a URL parser refuses."""
+    if host.startswith("["):
+        literal, bracket, rest = host[1:].partition("]")
+        if not bracket or "%" in literal or (rest and not rest.startswith(":")):
+            return False
+        try:
+            ipaddress.IPv6Address(literal)
+        except ValueError:
+            return False
+        colon, port = rest[:1], rest[1:]
+    else:
+        name, colon, port = host.partition(":")
+        if len(name) > 253 or not _NAME.fullmatch(name):
+            return False
+    return not colon or (
+        port.isascii() and port.isdigit() and len(port) <= 5 and 0 < int(port) < 65536
+    )
+
+
+_LABEL = r"[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?"
+_NAME = re.compile(rf"{_LABEL}(?:\.{_LABEL})*\.?")

@@ -859,8 +859,13 @@ def test_a_json_preconditions_header_never_lifts_create_only(
 
 
 @pytest.mark.parametrize(
-    "host", ["evil.example@127.0.0.1", "a b", "x/y", "x?y", "x#y", "[::1", "host:port"]
-)
+    "host",
+    [
+        "evil.example@127.0.0.1", "a b", "x/y", "x?y", "x#y", "[::1", "host:port",
+        # links no URL parser takes: a port out of range, brackets around no IPv6 address
+        "[::1]:99999", "localhost:0", "[1.2.3.4]", "[:.]", "a..b", "[fe80::1%25eth0]",
+    ],
+)  # fmt: skip
 def test_links_never_carry_a_host_header_that_is_not_a_host(proxy, seeded, relay, tokens, host):
     """selfLink, mediaLink and a session's Location point where the caller reached the
     sidecar; a Host that is not a host name or address is 400 before anything is sent

@@ -9,12 +9,15 @@ import gzip
 import http.client
 import json
 import textwrap
+import time
+import urllib.request
 from dataclasses import dataclass, field
 
 import pytest
 from aiohttp import web
 
 from proxy.devserver.issuer import DevIssuer, bind_socket, serve_socket
+from proxy.devserver.metadata import DevMetadataServer
 from tests.support.proxyproc import ProxyProcess, isolated_env
 from tests.support.threaded import LoopThread
 
@@ -102,7 +105,7 @@ def scripted(tmp_path_factory, loop_thread: LoopThread, dev_issuer: DevIssuer, m
     process = ProxyProcess(policy, upstream, isolated_env(tmp, metadata_server[1]))
     process.wait_ready()
     token = dev_issuer.mint(audience=AUD, subject="alice", email=ALICE)
-    yield process, script, token
+    yield process, script, token, metadata_server[0]
     process.stop()
     loop_thread.run(runner.cleanup())
 
@@ -124,12 +127,15 @@ def object_path(name: str) -> str:
     return f"/storage/v1/b/{BUCKET}/o/alice%2F{name}"
 
 
-def test_a_401_to_the_sidecar_token_is_a_502_and_the_next_request_has_another(
-    scripted: tuple[ProxyProcess, Scripted, str],
+def test_a_401_to_the_sidecar_token_is_a_502_and_another_token_is_fetched_at_once(
+    scripted: tuple[ProxyProcess, Scripted, str, DevMetadataServer],
 ) -> None:
     """Cloud Storage refusing the sidecar's own token is not the caller's 401 (its client
-    would throw away a good ID token and retry): 502, without upstream's challenge."""
-    process, script, token = scripted
+    would throw away a good ID token and retry): 502, without upstream's challenge. The
+    sidecar fetches another token straight away, with no request needed, and stays ready
+    meanwhile (readiness takes a pod out of its Service: no request might come)."""
+    process, script, token, metadata = scripted
+    issued = len(metadata.issued_tokens)
     connection = http.client.HTTPConnection("127.0.0.1", process.port, timeout=30)
     connection.request(
         "GET", object_path("refused.txt"), headers={"Authorization": f"Bearer {token}"}
@@ -141,15 +147,21 @@ def test_a_401_to_the_sidecar_token_is_a_502_and_the_next_request_has_another(
     assert response.getheader("WWW-Authenticate") is None
     assert error["code"] == 502 and "credentials" in error["message"]
     refused_with = script.seen[-1][1]
+    deadline = time.monotonic() + 10
+    while len(metadata.issued_tokens) == issued:
+        assert time.monotonic() < deadline, "no new token was fetched"
+        time.sleep(0.05)
+    with urllib.request.urlopen(f"{process.admin_url}/readyz", timeout=5) as ready:
+        assert ready.status == 200
     get(process, object_path("fine.txt"), token)
-    assert script.seen[-1][1] not in (None, refused_with)  # a fresh token was fetched
+    assert script.seen[-1][1] == f"Bearer {metadata.issued_tokens[-1]}" != refused_with
     assert "Cloud Storage refused the upstream token" in process.output()
 
 
 def test_answer_headers_upstream_connection_names_and_session_urls_stay_behind(
-    scripted: tuple[ProxyProcess, Scripted, str],
+    scripted: tuple[ProxyProcess, Scripted, str, DevMetadataServer],
 ) -> None:
-    process, _, token = scripted
+    process, _, token, _ = scripted
     response = get(process, object_path("hop.txt") + "?alt=media", token)
     assert response.status == 200
     names = {name.lower() for name, _ in response.getheaders()}
@@ -159,9 +171,9 @@ def test_answer_headers_upstream_connection_names_and_session_urls_stay_behind(
 
 
 def test_a_lowercase_content_type_from_upstream_is_still_one_content_type(
-    scripted: tuple[ProxyProcess, Scripted, str],
+    scripted: tuple[ProxyProcess, Scripted, str, DevMetadataServer],
 ) -> None:
-    process, _, token = scripted
+    process, _, token, _ = scripted
     connection = http.client.HTTPConnection("127.0.0.1", process.port, timeout=30)
     connection.request(
         "GET", object_path("lowercase.txt"), headers={"Authorization": f"Bearer {token}"}
@@ -177,11 +189,11 @@ def test_a_lowercase_content_type_from_upstream_is_still_one_content_type(
 
 
 def test_json_answers_are_asked_for_uncompressed_media_keeps_the_callers_choice(
-    scripted: tuple[ProxyProcess, Scripted, str],
+    scripted: tuple[ProxyProcess, Scripted, str, DevMetadataServer],
 ) -> None:
     """The sidecar rewrites JSON documents (links, list filtering), so it never asks for a
     compressed one; a download is relayed as it comes, so the caller's choice stands."""
-    process, script, token = scripted
+    process, script, token, _ = scripted
     asked = {"Accept-Encoding": "gzip", "User-Agent": "app (gzip)"}
     response = get(process, object_path("gzipped.txt"), token, asked)
     assert response.status == 200

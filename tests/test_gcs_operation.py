@@ -6,6 +6,7 @@ import pytest
 from multidict import CIMultiDict, CIMultiDictProxy
 
 from proxy.errors import SERVER, BadRequest, Forbidden, MethodNotAllowed, ProxyError
+from proxy.forward import _usable_host
 from proxy.gcs.build import response_headers, upstream_headers, upstream_target
 from proxy.gcs.operation import Kind
 from proxy.gcs.parse import parse_request
@@ -377,3 +378,18 @@ def test_errors_render_in_gcs_shape():
             "errors": [{"domain": "global", "reason": "forbidden", "message": "no"}],
         }
     }
+
+
+@pytest.mark.parametrize(
+    ("host", "usable"),
+    [
+        ("localhost", True), ("storage.internal:9180", True), ("my_service:80", True),
+        ("127.0.0.1", True), ("[::1]:9180", True), ("a.b.c.", True), ("x" * 63 + ".com", True),
+        ("x" * 64 + ".com", False), ("a..b", False), ("-a", False), ("a:1:2", False),
+        ("localhost:0", False), ("localhost:65536", False), ("localhost:\u0663", False),
+        ("localhost:", False), ("[::1]:", False), ("[::1]x", False), ("[1.2.3.4]", False),
+        ("[fe80::1%eth0]", False), ("", False), ("a,b", False), ("evil@127.0.0.1", False),
+    ],
+)  # fmt: skip
+def test_which_host_headers_links_may_carry(host, usable):
+    assert _usable_host(host) is usable
