@@ -745,6 +745,30 @@ def test_a_copy_is_audited_as_the_write_of_its_destination_with_every_check(
     assert sorted(c["verb"] for c in record["audit"]["checks"]) == ["read", "read", "write"]
 
 
+def test_object_answers_never_carry_acls(proxy, seeded, relay, tokens):
+    """Who else holds an object is `admin`'s to read (object ACLs). The proxy asks for
+    every object answer without ACLs, and drops `acl` and `owner` when upstream sends them
+    anyway: fake-gcs-server does, in upload, list and copy answers."""
+    target = "/upload/storage/v1/b/adv-bucket/o?uploadType=media&name=alice%2Facl-probe.txt"
+    upload = call(proxy, "POST", target, tokens["alice"], b"data")
+    listing = call(proxy, "GET", "/storage/v1/b/adv-bucket/o?prefix=alice%2F&projection=full",
+                   tokens["alice"])  # fmt: skip
+    copied = call(
+        proxy,
+        "POST",
+        "/storage/v1/b/adv-bucket/o/alice%2Facl-probe.txt/copyTo/b/adv-bucket/o/alice%2Facl-copy.txt",
+        tokens["alice"],
+        b"",
+        {"Content-Type": "application/json"},
+    )
+    assert (upload.status, listing.status, copied.status) == (200, 200, 200)
+    objects = [json.loads(upload.body), json.loads(copied.body), *json.loads(listing.body)["items"]]
+    assert len(objects) >= 3
+    assert [o["name"] for o in objects if "acl" in o or "owner" in o] == []
+    upstream = relay.seen[1]
+    assert parse_qs(upstream.query)["projection"] == ["noAcl"]  # never the caller's "full"
+
+
 # -- headers ------------------------------------------------------------------------------
 
 

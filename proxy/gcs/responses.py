@@ -12,7 +12,12 @@ KeepName = Callable[[str], bool]
 
 
 def object_links(resource: dict[str, Any], origin: str) -> None:
-    """Point selfLink/mediaLink at the proxy, built from the resource's own bucket and name."""
+    """Point selfLink/mediaLink at the proxy, built from the resource's own bucket and name.
+    `acl` and `owner` go: every object answer was asked for without them (the proxy sends
+    `projection=noAcl` or no projection at all), and an upstream that sends them anyway
+    (fake-gcs-server does) must not show a caller without `admin` who holds the object."""
+    resource.pop("acl", None)
+    resource.pop("owner", None)
     bucket, name = resource.get("bucket"), resource.get("name")
     if not isinstance(bucket, str) or not isinstance(name, str):
         resource.pop("selfLink", None)
