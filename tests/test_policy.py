@@ -383,18 +383,54 @@ def test_carved_out_finds_deny_rules_below_a_prefix(tmp_path):
     assert carved("u/alice@example.com/") and not carved("u/bob@example.com/")
 
 
-def test_grants_asks_only_where_it_matters_and_finds_what_asking_everywhere_finds():
-    """grants() (behind `policy diff`) skips regions under no prefix that allows the
-    principal anything. Against asking the evaluator about every region and verb, on
-    random policies with templates, domains, groups, subjects, denies and the root."""
+def random_policies(seed: int, count: int):  # type: ignore[no-untyped-def]
+    """Small policies over overlapping principals (users, a domain, every caller, a group,
+    a subject), prefixes (the root, nested, templated, without a slash) and effects."""
     import random
 
     import yaml
 
+    from proxy.policy.load import PolicyText, parse_policy
+
+    chance = random.Random(seed)  # noqa: S311 (test data, not secrets)
+    principals = [
+        "user:alice@example.com", "user:bob@example.com", "user:carol@other.org",
+        "serviceAccount:svc@proj.iam.gserviceaccount.com", "domain:example.com",
+        "allAuthenticatedUsers", "group:team", "subject:https://accounts.google.com#123",
+    ]  # fmt: skip
+    prefixes = [
+        "", "a/", "a/b/", "a/bx", "b/", "home/", "home/${email}/", "home/${sub}/x/",
+        "d/${domain}/", "a/${email}",
+    ]  # fmt: skip
+    verbs = ["read", "list", "write", "delete", "metadata", "admin", "*"]
+    for _ in range(count):
+        rules = [
+            {
+                "id": f"r{i}",
+                "effect": chance.choice(["allow", "allow", "deny"]),
+                "principals": chance.sample(principals, chance.randint(1, 3)),
+                "bucket": chance.choice(["bkt-one", "bkt-two"]),
+                "prefixes": chance.sample(prefixes, chance.randint(1, 3)),
+                "verbs": chance.sample(verbs, chance.randint(1, 3)),
+            }
+            for i in range(chance.randint(1, 12))
+        ]
+        document = {
+            "version": 1,
+            "issuers": [{"issuer": "https://accounts.google.com", "audiences": ["a"]}],
+            "groups": {"team": ["user:bob@example.com", "user:dave@example.com"]},
+            "rules": rules,
+        }
+        yield parse_policy([PolicyText("random.yaml", yaml.safe_dump(document))])
+
+
+def test_grants_asks_only_where_it_matters_and_finds_what_asking_everywhere_finds():
+    """grants() (behind `policy diff`) skips regions under no prefix that allows the
+    principal anything. Against asking the evaluator about every region and verb, on
+    random policies with templates, domains, groups, subjects, denies and the root."""
     from proxy.policy import Access, evaluate
     from proxy.policy.evaluate import compile_policy, expand_template
     from proxy.policy.grants import Grant, Representatives, grants, principals_of, regions
-    from proxy.policy.load import PolicyText, parse_policy
     from proxy.policy.model import ALL_VERBS
 
     def everywhere(policy, principals, places, people):  # type: ignore[no-untyped-def]
@@ -413,37 +449,55 @@ def test_grants_asks_only_where_it_matters_and_finds_what_asking_everywhere_find
                             found.add(Grant(principal, verb.value, bucket, prefix))
         return found
 
-    chance = random.Random(7)  # noqa: S311 (test data, not secrets)
-    principals = [
-        "user:alice@example.com", "user:bob@example.com", "user:carol@other.org",
-        "serviceAccount:svc@proj.iam.gserviceaccount.com", "domain:example.com",
-        "allAuthenticatedUsers", "group:team", "subject:https://accounts.google.com#123",
-    ]  # fmt: skip
-    prefixes = [
-        "", "a/", "a/b/", "a/bx", "b/", "home/", "home/${email}/", "home/${sub}/x/",
-        "d/${domain}/", "a/${email}",
-    ]  # fmt: skip
-    verbs = ["read", "list", "write", "delete", "metadata", "admin", "*"]
-    for _ in range(60):
-        rules = [
-            {
-                "id": f"r{i}",
-                "effect": chance.choice(["allow", "allow", "deny"]),
-                "principals": chance.sample(principals, chance.randint(1, 3)),
-                "bucket": chance.choice(["bkt-one", "bkt-two"]),
-                "prefixes": chance.sample(prefixes, chance.randint(1, 3)),
-                "verbs": chance.sample(verbs, chance.randint(1, 3)),
-            }
-            for i in range(chance.randint(1, 12))
-        ]
-        document = {
-            "version": 1,
-            "issuers": [{"issuer": "https://accounts.google.com", "audiences": ["a"]}],
-            "groups": {"team": ["user:bob@example.com", "user:dave@example.com"]},
-            "rules": rules,
-        }
-        policy = parse_policy([PolicyText("random.yaml", yaml.safe_dump(document))])
+    for policy in random_policies(7, 60):
         named = principals_of(policy)
         people = Representatives(named)
         places = regions(policy)
         assert grants(policy, named, places, people) == everywhere(policy, named, places, people)
+
+
+def test_lint_finds_the_shadowed_rules_that_asking_every_other_rule_finds():
+    """lint looks up only the rules holding each member; against asking every rule that
+    decides first, for every member, verb and prefix, on random policies."""
+    from proxy.policy.evaluate import expand_principal
+    from proxy.policy.grants import covers
+    from proxy.policy.lint import _prefix_covers, lint
+    from proxy.policy.model import Effect
+
+    def shadowed(policy):  # type: ignore[no-untyped-def]
+        found = {}
+        rules = policy.rules
+        for position, rule in enumerate(rules):
+            first = [r for r in rules if r.effect is Effect.DENY and rule.effect is Effect.ALLOW]
+            first += [r for r in rules[:position] if r.effect is rule.effect]
+            deciders, shadow = [], True
+            members = [m for p in rule.principals for m in expand_principal(policy, p)]
+            for member in members:
+                for verb in rule.verbs:
+                    for prefix in rule.prefixes:
+                        by = [
+                            o
+                            for o in first
+                            if o.bucket == rule.bucket
+                            and verb in o.verbs
+                            and any(covers(m, member) for p in o.principals
+                                    for m in expand_principal(policy, p))
+                            and any(_prefix_covers(p, prefix) for p in o.prefixes)
+                        ]  # fmt: skip
+                        if not by:
+                            shadow = False
+                        else:
+                            deciders.append(by[0].id)
+            if shadow and members:
+                found[rule.id] = sorted(set(deciders))
+        return found
+
+    seen = 0
+    for policy in random_policies(11, 80):
+        expected = shadowed(policy)
+        warned = {w.rule: w.message for w in lint(policy) if "never decides" in w.message}
+        assert set(warned) == set(expected)
+        for rule_id, deciders in expected.items():
+            assert all(repr(d) in warned[rule_id] for d in deciders)
+        seen += len(expected)
+    assert seen > 10  # the random policies do shadow rules
