@@ -33,11 +33,7 @@ class ProxyError(Exception):
     def __init__(self, message: str) -> None:
         super().__init__(message)
         self.message = message
-
-    @property
-    def summary(self) -> str:
-        """What the audit record says was wrong (the caller's message, unless told otherwise)."""
-        return self.message
+        self.summary = message  # what the audit record says was wrong
 
     def headers(self) -> dict[str, str]:
         return {}
@@ -60,11 +56,7 @@ class Unauthenticated(ProxyError):
     def __init__(self, message: str, *, missing: bool = False, summary: str | None = None) -> None:
         super().__init__(message)
         self.missing = missing
-        self._summary = summary or ("no identity token" if missing else None)
-
-    @property
-    def summary(self) -> str:
-        return self._summary or self.message
+        self.summary = summary or ("no identity token" if missing else message)
 
     def headers(self) -> dict[str, str]:
         if self.missing:

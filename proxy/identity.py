@@ -89,8 +89,7 @@ class JwtVerifier:
         authorization = _single(headers, "authorization")
         if not authorization:
             raise Unauthenticated(
-                "no identity token: send one in the Authorization header, scheme Bearer",
-                missing=True,
+                "no identity token: send Authorization: Bearer <ID token>", missing=True
             )
         token = bearer_token(authorization)
         if token is None:

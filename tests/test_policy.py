@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import random
 import textwrap
 from pathlib import Path
 
 import pytest
+import yaml
 
 from proxy.policy import (
     Access,
@@ -17,7 +19,18 @@ from proxy.policy import (
     evaluate,
     load_policy,
 )
-from proxy.policy.evaluate import PolicyIndex, carved_out, evaluate_all, may_be_granted
+from proxy.policy.evaluate import (
+    PolicyIndex,
+    carved_out,
+    evaluate_all,
+    expand_principal,
+    expand_template,
+    may_be_granted,
+)
+from proxy.policy.grants import Grant, Representatives, covers, grants, principals_of, regions
+from proxy.policy.lint import _prefix_covers, lint
+from proxy.policy.load import PolicyText, parse_policy
+from proxy.policy.model import ALL_VERBS, Effect
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "policies" / "example.yaml"
 GOOGLE = "https://accounts.google.com"
@@ -386,12 +399,6 @@ def test_carved_out_finds_deny_rules_below_a_prefix(tmp_path):
 def random_policies(seed: int, count: int):  # type: ignore[no-untyped-def]
     """Small policies over overlapping principals (users, a domain, every caller, a group,
     a subject), prefixes (the root, nested, templated, without a slash) and effects."""
-    import random
-
-    import yaml
-
-    from proxy.policy.load import PolicyText, parse_policy
-
     chance = random.Random(seed)  # noqa: S311 (test data, not secrets)
     principals = [
         "user:alice@example.com", "user:bob@example.com", "user:carol@other.org",
@@ -428,10 +435,6 @@ def test_grants_asks_only_where_it_matters_and_finds_what_asking_everywhere_find
     """grants() (behind `policy diff`) skips regions under no prefix that allows the
     principal anything. Against asking the evaluator about every region and verb, on
     random policies with templates, domains, groups, subjects, denies and the root."""
-    from proxy.policy import Access, evaluate
-    from proxy.policy.evaluate import compile_policy, expand_template
-    from proxy.policy.grants import Grant, Representatives, grants, principals_of, regions
-    from proxy.policy.model import ALL_VERBS
 
     def everywhere(policy, principals, places, people):  # type: ignore[no-untyped-def]
         index = compile_policy(policy)
@@ -459,10 +462,6 @@ def test_grants_asks_only_where_it_matters_and_finds_what_asking_everywhere_find
 def test_lint_finds_the_shadowed_rules_that_asking_every_other_rule_finds():
     """lint looks up only the rules holding each member; against asking every rule that
     decides first, for every member, verb and prefix, on random policies."""
-    from proxy.policy.evaluate import expand_principal
-    from proxy.policy.grants import covers
-    from proxy.policy.lint import _prefix_covers, lint
-    from proxy.policy.model import Effect
 
     def shadowed(policy):  # type: ignore[no-untyped-def]
         found = {}

@@ -231,6 +231,7 @@ def grants(
         bucket: (sorted(p for p in prefixes if "${" not in p), [p for p in prefixes if "${" in p])
         for bucket, prefixes in places.items()
     }
+    verbs = sorted(ALL_VERBS)
     found: set[Grant] = set()
     for principal in principals:
         identity = people.identity(principal)
@@ -247,7 +248,7 @@ def grants(
                 if path.startswith(heads):
                     asked.add((template, path))
             for prefix, path in asked:
-                for verb in sorted(ALL_VERBS):
+                for verb in verbs:
                     if evaluate(index, identity, Access(verb, bucket, path)).allowed:
                         found.add(Grant(principal, verb.value, bucket, prefix))
     return found
