@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import gzip
 import os
+import random
 import zlib
 
 import aiohttp
@@ -128,6 +129,29 @@ async def test_held_from_streams_media_without_a_delimiter_and_caps_what_follows
     with pytest.raises(BadRequest, match="after its boundary"):
         async for _ in held_from(chunks_of(b"x--B--", b"e" * 70_000), b"--B", limit=65536):
             pass
+
+
+async def test_held_from_against_finding_the_marker_in_the_whole_body():
+    # An oracle over random bodies of a small alphabet and random cuts: before the first
+    # marker in `before` + body, everything streams; from it on, nothing until a clean end.
+    # `before` was sent already: a marker may begin in it, and none of it comes out again.
+    rng = random.Random(2046)  # noqa: S311 (test data, not secrets)
+    marker = b"\n--b"
+    for _ in range(3000):
+        before = bytes(rng.choice(b"\n-bx") for _ in range(rng.randrange(3)))
+        body = bytes(rng.choice(b"\n-bx") for _ in range(rng.randrange(12)))
+        cuts = sorted(rng.sample(range(len(body) + 1), min(len(body) + 1, rng.randrange(4))))
+        pieces = [body[i:j] for i, j in zip([0, *cuts], [*cuts, len(body)], strict=True)]
+        at = (before + body).find(marker)
+        free = body if at < 0 else body[: max(at - len(before), 0)]
+        whole = [c async for c in held_from(chunks_of(*pieces), marker, before=before)]
+        assert b"".join(whole) == body, (before, pieces)
+        sent = bytearray()
+        with pytest.raises(BadRequest):
+            async for chunk in held_from(chunks_of(*pieces, fail=True), marker, before=before):
+                sent += chunk
+        assert bytes(sent) == free[: len(sent)], (before, pieces)
+        assert len(sent) >= len(free) - (len(marker) - 1), (before, pieces)
 
 
 async def test_a_bomb_lets_the_event_loop_run_between_its_steps():

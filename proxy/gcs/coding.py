@@ -101,7 +101,7 @@ class Gunzipped:
 
 
 async def held_from(
-    chunks: AsyncIterator[bytes], marker: bytes, limit: int = HELD_LIMIT
+    chunks: AsyncIterator[bytes], marker: bytes, limit: int = HELD_LIMIT, before: bytes = b""
 ) -> AsyncIterator[bytes]:
     """`chunks` up to the first `marker`; from there on, held until the source has ended
     without an error (at most `limit` bytes, else 400).
@@ -109,23 +109,26 @@ async def held_from(
     The marker is a multipart body's delimiter: Cloud Storage may store the object as soon
     as it reads the closing one, wherever it lies (an epilogue may follow it). Held, it goes
     upstream only once the whole gzip body has proved whole, so a damaged body stores
-    nothing: the upstream request is cut before its end.
+    nothing: the upstream request is cut before its end. `before` is what preceded `chunks`
+    (already sent, not yielded again): a marker may begin in it.
     """
     keep = len(marker) - 1  # a marker may straddle two chunks
-    carry = b""
+    carry = before[max(len(before) - keep, 0) :]
+    sent = len(carry)  # the leading bytes of `carry` that are `before`'s, not ours to yield
     held: bytearray | None = None
     async for chunk in chunks:
         if held is None:
             data = carry + chunk
             at = data.find(marker)
             if at < 0:
-                carry = data[-keep:] if len(data) > keep else data
-                if len(data) > keep:
-                    yield data[:-keep]
+                cut = max(len(data) - keep, 0)
+                if cut > sent:
+                    yield data[sent:cut]
+                carry, sent = data[cut:], max(sent - cut, 0)
                 continue
-            if at:
-                yield data[:at]
-            held = bytearray(data[at:])
+            if at > sent:
+                yield data[sent:at]
+            held = bytearray(data[max(at, sent) :])
         else:
             held += chunk
         if len(held) > limit:
@@ -134,8 +137,8 @@ async def held_from(
             )
     if held is not None:
         yield bytes(held)
-    elif carry:
-        yield carry
+    elif len(carry) > sent:
+        yield carry[sent:]
 
 
 # What a body is read from: as it arrives, or decompressed.

@@ -77,14 +77,18 @@ class MultipartUpload:
 
     async def _body(self, head: bytes) -> AsyncIterator[bytes]:
         # Decompressed by the proxy (coding.held_from): the caller's bytes from the first
-        # delimiter on wait until the whole gzip body has proved whole.
+        # delimiter on wait until the whole gzip body has proved whole. A delimiter starts a
+        # line (RFC 2046 5.1.1; CRLF or bare LF, as in the head), and the media starts one
+        # (some parsers take a delimiter there as an empty part): `--boundary` elsewhere in
+        # the media is data, and holding from it would hold the rest of the media.
         if not isinstance(self.content, Gunzipped):
             yield head + self.leftover
             async for chunk in self.content.iter_chunked(_CHUNK):
                 yield chunk
             return
         yield head
-        async for chunk in held_from(self._caller_bytes(), b"--" + self.boundary.encode()):
+        marker = b"\n--" + self.boundary.encode()
+        async for chunk in held_from(self._caller_bytes(), marker, before=b"\n"):
             yield chunk
 
     async def _caller_bytes(self) -> AsyncIterator[bytes]:
