@@ -1403,8 +1403,8 @@ def test_upstream_sees_only_the_headers_the_caller_sent(proxy, seeded, relay, to
 
 def expect_continue(proxy: ProxyProcess, head: str) -> tuple[bytes, socket.socket]:
     """Send `head` (request line and headers, Expect included, no body); the first bytes
-    the proxy answers within 3 s, and the open socket."""
-    sock = socket.create_connection(("127.0.0.1", proxy.port), timeout=3)
+    the proxy answers within 10 s, and the open socket."""
+    sock = socket.create_connection(("127.0.0.1", proxy.port), timeout=10)
     sock.sendall(head.encode())
     try:
         return sock.recv(65536), sock

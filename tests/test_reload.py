@@ -386,21 +386,41 @@ def test_sighup_only_retries_never_load_an_unsignalled_edit(tmp_path, dev_issuer
     policy.write_text(policy_text(dev_issuer, readers=f'"user:{ALICE}"'))
     held = _Held(policy)
     first = held.policy.revision
+    reloads: list[str] = []
 
     async def run() -> None:
         reloader = PolicyReloader(policy, held, session=None, interval=0)  # type: ignore[arg-type]
         _keys_down(reloader)
+        reload = reloader.reload
+
+        async def counted(why: str, **options: bool) -> bool:
+            try:
+                return await reload(why, **options)
+            finally:
+                reloads.append(why)
+
+        reloader.reload = counted  # type: ignore[method-assign]
+
+        async def until(done: Callable[[], bool]) -> None:  # polled: a loaded machine is slow
+            for _ in range(500):
+                if done():
+                    return
+                await asyncio.sleep(0.01)
+            raise AssertionError(f"reloads so far: {reloads}")
+
         task = asyncio.create_task(reloader.run())
-        await asyncio.sleep(0.2)
+        await until(lambda: len(reloads) == 1)  # the start-up check
         replace_file(policy, policy_text(dev_issuer, readers=f'"user:{MALLORY}"'))
         reloader._hangup.set()  # SIGHUP: refused, keys down; a retry is due in 1 s
-        await asyncio.sleep(0.3)
+        await until(lambda: len(reloads) == 2 and reloader._retry_at is not None)
         replace_file(policy, policy_text(dev_issuer, readers="allAuthenticatedUsers"))
         reloader._verifier_for = lambda policy, current: asyncio.sleep(0)  # type: ignore[method-assign,assignment,return-value]
-        await asyncio.sleep(1.5)
+        await until(lambda: reloader._retry_at is None)  # the retry saw another file: settled
+        await asyncio.sleep(0.2)
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task
 
     asyncio.run(run())
     assert held.policy.revision == first
+    assert reloads == ["start-up check", "SIGHUP"]  # the retry loaded nothing

@@ -306,7 +306,7 @@ def test_upstream_refused_then_back(faulty_proxy, faulty, bucket, alice_token):
     faulty.stop()
     reply = call(faulty_proxy.port, "GET", media_path("alice/up.txt"), alice_token)
     assert_gcs_error(reply, 502, "backendError")
-    assert reply.seconds < 3
+    assert reply.seconds < 5  # a refused connection ends the retries' budget early
     faulty.start()  # same port: recovery needs no proxy restart
     assert call(faulty_proxy.port, "GET", media_path("alice/up.txt"), alice_token).body == b"up"
 
@@ -335,7 +335,7 @@ def test_slow_upstream_is_a_bounded_504(faulty_proxy, faulty, bucket, alice_toke
     faulty.set("hang")
     reply = call(faulty_proxy.port, "GET", media_path("alice/slow.txt"), alice_token)
     assert_gcs_error(reply, 504, "gatewayTimeout")
-    assert 0.9 < reply.seconds < 3  # --read-timeout 1, and a read timeout is not retried
+    assert 0.9 < reply.seconds < 5  # --read-timeout 1, and a read timeout is not retried
     assert len(faulty.requests) == 1
     faulty.set("pass")
     assert call(faulty_proxy.port, "GET", media_path("alice/slow.txt"), alice_token).status == 200
@@ -454,7 +454,7 @@ def test_sigterm_grace_bounds_the_drain(
     proxy.process.send_signal(signal.SIGTERM)
     signalled = time.monotonic()
     assert proxy.process.wait(timeout=10) == 0
-    assert time.monotonic() - signalled < 4
+    assert time.monotonic() - signalled < 6  # undrained, it would wait for the reader
     assert len(read_slowly(sock, 0)) < len(big_object)  # cut, never completed silently
     sock.close()
 
@@ -540,7 +540,12 @@ def test_client_aborts_leave_no_object_and_leak_nothing(
     before = process_stats(pid, bucket.port)
     for i in range(200):
         abort(i)
-    time.sleep(1.5)
+
+    def settled() -> bool:  # the last aborts may still be closing on a loaded machine
+        fds, _, upstream = process_stats(pid, bucket.port)
+        return fds <= before[0] + 2 and upstream <= max(before[2], 2)
+
+    wait_for(settled, 10)
     after = process_stats(pid, bucket.port)
     print(f"(fds, rss KiB, upstream conns) before={before} after={after}")
     assert after[0] <= before[0] + 2, (before, after)  # file descriptors flat
@@ -647,22 +652,32 @@ def stalled_upload(port: int, token: str, name: str) -> socket.socket:
     return sock
 
 
-def test_concurrency_limit_refuses_fast_and_stalled_bodies_time_out(limited, bucket, alice_token):
-    bucket.put_object(BUCKET, "alice/c.txt", b"c")
-    stalled = [stalled_upload(limited.port, alice_token, f"alice/stalled-{i}") for i in (1, 2)]
-    time.sleep(0.3)
-    reply = call(limited.port, "GET", media_path("alice/c.txt"), alice_token)
-    assert_gcs_error(reply, 503, "backendError")
-    assert reply.headers["Retry-After"] == "1" and reply.seconds < 0.5
+@pytest.fixture
+def crowded(tmp_path, start_proxy, dev_issuer, bucket) -> ProxyProcess:  # type: ignore[no-untyped-def]
+    write_policy(tmp_path / "policy.yaml", dev_issuer.issuer_url)
+    return start_proxy(bucket.url, "--max-concurrent", "2", "--body-timeout", "3")
 
-    for sock in stalled:  # the body idle timeout (1 s) frees both slots
-        sock.settimeout(5)
+
+def test_concurrency_limit_refuses_fast_and_stalled_bodies_time_out(crowded, bucket, alice_token):
+    bucket.put_object(BUCKET, "alice/c.txt", b"c")
+    stalled = [stalled_upload(crowded.port, alice_token, f"alice/stalled-{i}") for i in (1, 2)]
+    deadline = time.monotonic() + 2  # until the sidecar has read both uploads' headers
+    while (
+        reply := call(crowded.port, "GET", media_path("alice/c.txt"), alice_token)
+    ).status == 200:
+        assert time.monotonic() < deadline, "two stalled uploads did not fill both slots"
+        time.sleep(0.05)
+    assert_gcs_error(reply, 503, "backendError")
+    assert reply.headers["Retry-After"] == "1" and reply.seconds < 1.5  # not a queue
+
+    for sock in stalled:  # the body idle timeout (3 s) frees both slots
+        sock.settimeout(10)
         answer = sock.recv(65536)
         sock.close()
         assert answer.startswith(b"HTTP/1.1 408"), answer
         assert b'"reason": "requestTimeout"' in answer
     assert bucket.list_names(BUCKET, prefix="alice/stalled-") == []
-    assert call(limited.port, "GET", media_path("alice/c.txt"), alice_token).status == 200
+    assert call(crowded.port, "GET", media_path("alice/c.txt"), alice_token).status == 200
 
 
 def test_slowloris_headers_are_cut(limited):
@@ -744,7 +759,8 @@ def test_workers_share_the_port_upload_sessions_and_reloads(
     pids = worker_pids(proxy.process.pid)
 
     by_worker: dict[int, http.client.HTTPConnection] = {}
-    for _ in range(60):
+    deadline = time.monotonic() + 15  # a worker may start listening later than the other
+    while time.monotonic() < deadline:
         connection = http.client.HTTPConnection("127.0.0.1", proxy.port, timeout=10)
         assert exchange(connection, "GET", media_path("alice/w.txt"), alice_token)[0] == 200
         pid = serving_pid(connection, proxy.port, pids)

@@ -262,7 +262,7 @@ def test_relay_records_a_client_that_disconnects_mid_body(
     ).encode()
     with socket.create_connection((host, port)) as sock:
         sock.sendall(head + b"x" * 500)
-        time.sleep(0.2)
+        time.sleep(1)  # the relay reads what came before it hears of the close
     deadline = time.monotonic() + 5
     while not relay.seen and time.monotonic() < deadline:
         time.sleep(0.02)

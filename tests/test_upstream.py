@@ -235,6 +235,15 @@ async def fetch(
 # -- answers: framing ---------------------------------------------------------------
 
 
+async def closed_by_client(conn: Conn, seconds: float = 5) -> bool:
+    """Whether the client closes `conn` within `seconds` (the peer hears of it in its own time)."""
+    for _ in range(int(seconds / 0.01)):
+        if conn.client_closed:
+            return True
+        await asyncio.sleep(0.01)
+    return conn.client_closed
+
+
 async def test_content_length_body_in_several_writes(serve, client):
     body = bytes(range(256)) * 1000
     head = b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(body)
@@ -440,15 +449,19 @@ async def test_fresh_connection_closed_before_any_answer_is_not_stale(serve, cli
     ],
 )
 async def test_bytes_beyond_the_answer_are_never_an_answer(serve, client, method, parts, expected):
+    sent = asyncio.Event()
+
     async def first(conn: Conn) -> None:
         await conn.request()
         await conn.send(*parts, pause=0.03)
+        sent.set()
         await echo(conn)  # were the connection reused, it would still answer properly
 
     peer = await serve(first_then_echo(first))
     upstream = client(peer)
     _, body = await fetch(upstream, "/o", method)
     assert body == expected
+    await sent.wait()  # the extra bytes are out, then time for the pool to see them arrive
     await asyncio.sleep(0.1)
     assert (await fetch(upstream, "/next"))[1] == b"/next"
     assert peer.accepted == 2, "a connection that carried extra bytes was reused"
@@ -480,8 +493,7 @@ async def test_malformed_answer_is_disconnected_and_not_reused(serve, client, an
         await upstream.request("GET", "/o", [])
     assert (await fetch(upstream, "/next"))[1] == b"/next"
     assert peer.accepted == 2
-    await asyncio.sleep(0.05)
-    assert peer.conns[0].client_closed
+    assert await closed_by_client(peer.conns[0])
 
 
 # -- timeouts and broken answers -----------------------------------------------------
@@ -497,10 +509,10 @@ async def test_no_answer_is_a_read_timeout(serve, client):
     start = time.monotonic()
     with pytest.raises(ReadTimeout):
         await upstream.request("GET", "/o", [])
-    assert 0.4 <= time.monotonic() - start < 1.5
+    assert 0.4 <= time.monotonic() - start < 3  # bounded, not hung
     assert (await fetch(upstream, "/next"))[1] == b"/next"
-    await asyncio.sleep(0.05)
-    assert peer.accepted == 2 and peer.conns[0].client_closed
+    assert peer.accepted == 2
+    assert await closed_by_client(peer.conns[0])
 
 
 async def test_stall_mid_body_is_a_read_timeout_from_chunks(serve, client):
@@ -517,7 +529,7 @@ async def test_stall_mid_body_is_a_read_timeout_from_chunks(serve, client):
         with pytest.raises(ReadTimeout):
             async for chunk in response.chunks():
                 got += chunk
-        assert 0.4 <= time.monotonic() - start < 1.5
+        assert 0.4 <= time.monotonic() - start < 3  # bounded, not hung
     assert got == b"a" * 50
     assert (await fetch(upstream, "/next"))[1] == b"/next"
     assert peer.accepted == 2
@@ -794,8 +806,7 @@ async def test_early_answer_during_an_upload(serve, client):
     assert yielded < 50  # the upload was abandoned
     assert (await fetch(upstream, "/next"))[1] == b"/next"
     assert peer.accepted == 2
-    await asyncio.sleep(0.05)
-    assert peer.conns[0].client_closed
+    assert await closed_by_client(peer.conns[0])
 
 
 async def test_limit_caps_open_connections(serve, client):
@@ -828,8 +839,7 @@ async def test_failing_upload_raises_its_own_error_and_closes(serve, client):
     with pytest.raises(TimeoutError) as info:
         await upstream.request("PUT", "/up", [], upload())
     assert info.value is stalled
-    await asyncio.sleep(0.05)
-    assert peer.conns[0].client_closed
+    assert await closed_by_client(peer.conns[0])
     assert peer.conns[0].received.endswith(b"\r\n\r\n3\r\nabc\r\n")  # no terminating chunk
     assert (await fetch(upstream, "/next"))[1] == b"/next"
     assert peer.accepted == 2
@@ -999,7 +1009,7 @@ async def test_upstream_that_stops_reading_an_upload_is_a_read_timeout(serve, cl
     started = time.monotonic()
     with pytest.raises(ReadTimeout):
         await upstream.request("PUT", "/up", [], body())
-    assert time.monotonic() - started < 2.5
+    assert time.monotonic() - started < 2.9  # before the peer's 3 s: the timeout, not its end
 
 
 async def test_a_caller_that_stops_reading_at_the_end_frees_the_upstream_slot():
