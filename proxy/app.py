@@ -14,6 +14,7 @@ from aiohttp.web_protocol import RequestHandler
 from proxy import audit
 from proxy.components import RECORD, Components
 from proxy.errors import (
+    SERVER,
     BadRequest,
     CredentialsRefused,
     ExpectationFailed,
@@ -458,7 +459,11 @@ def admin_app(components: Components) -> web.Application:
             status=200 if ready else 503,
         )
 
+    async def named(_: web.Request, response: web.StreamResponse) -> None:
+        response.headers["Server"] = SERVER  # as on the data port: no versions announced
+
     app = web.Application()
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
+    app.on_response_prepare.append(named)
     return app

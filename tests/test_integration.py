@@ -240,10 +240,17 @@ def test_upstream_only_ever_sees_the_sidecar_token(
 def test_health_and_readiness(proxy):
     with urllib.request.urlopen(proxy.admin_url + "/healthz") as response:
         assert json.load(response) == {"status": "ok"}
+        assert response.headers["Server"] == "gcs-iap-proxy"  # no versions, as on the data port
     with urllib.request.urlopen(proxy.admin_url + "/readyz") as response:
         body = json.load(response)
+        assert response.headers["Server"] == "gcs-iap-proxy"
     assert body["ready"] is True
     assert len(body["policy_revision"]) == 16
+    with pytest.raises(urllib.error.HTTPError) as missing:
+        urllib.request.urlopen(proxy.admin_url + "/metrics")
+    missing.value.close()
+    assert missing.value.code == 404
+    assert missing.value.headers["Server"] == "gcs-iap-proxy"
 
 
 def test_audit_records_are_structured_and_never_hold_tokens(alice, proxy):
