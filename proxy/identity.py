@@ -14,8 +14,7 @@ import jwt
 
 from proxy.errors import BadRequest, Unauthenticated
 from proxy.keys import IssuerKeys, SigningKey
-from proxy.policy.load import GOOGLE_ISSUER
-from proxy.policy.model import Identity, Issuer, email_vouched
+from proxy.policy.model import GOOGLE_ISSUER, Identity, Issuer
 
 MAX_TOKEN_BYTES = 16 * 1024
 _CACHE_SIZE = 4096
@@ -56,10 +55,7 @@ def identity_from_claims(issuer: str, claims: Mapping[str, Any]) -> Identity:
     sub = claims.get("sub")
     if not isinstance(sub, str) or not sub:
         raise Unauthenticated("token has no subject")
-    email = claims.get("email")
-    if not isinstance(email, str) or not email_vouched(claims):
-        return Identity(issuer=issuer, subject=sub)
-    return Identity(issuer=issuer, subject=sub, email=email.lower())
+    return Identity.of(issuer, sub, claims)
 
 
 class JwtVerifier:

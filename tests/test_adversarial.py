@@ -712,6 +712,74 @@ def test_move_needs_delete_on_the_source(
         restricted.stop()
 
 
+def test_a_deny_by_email_or_domain_holds_for_tokens_that_leave_it_out(
+    proxy, dev_issuer, fake_gcs, relay, tmp_path, metadata_server
+):
+    """A review: a caller denied by email got in with a token of the same issuer and
+    subject but no email (Google's metadata server mints those with format=standard), or
+    with `email_verified: false`; and a Google account with a work address but no `hd`
+    counted as that Workspace domain. Google's issuer here signs with the dev issuer's
+    keys (loopback JWKS), so its tokens are real ones the sidecar verifies."""
+    google = "https://accounts.google.com"
+    policy = tmp_path / "policy.yaml"
+    policy.write_text(
+        textwrap.dedent(
+            f"""\
+            version: 1
+            issuers:
+              - {{issuer: "{dev_issuer.issuer_url}", audiences: ["{AUD}"]}}
+              - {{issuer: "{google}", audiences: ["{AUD}"], jwks_uri: "{dev_issuer.issuer_url}/jwks"}}
+            rules:
+              - {{id: everyone, principals: [allAuthenticatedUsers], bucket: {BUCKET}, prefixes: ["shared/"], verbs: [read]}}
+              - {{id: not-mallory, effect: deny, principals: ["user:{MALLORY}"], bucket: {BUCKET}, prefixes: ["shared/"], verbs: [read]}}
+              - {{id: staff, principals: ["domain:example.com"], bucket: {BUCKET}, prefixes: ["staff/"], verbs: [read]}}
+            """
+        )
+    )
+    _, metadata_port = metadata_server
+    sidecar = ProxyProcess(policy, relay.url, isolated_env(tmp_path, metadata_port))
+    try:
+        sidecar.wait_ready()
+        fake_gcs.put_object(BUCKET, "shared/news.txt", b"news")
+        fake_gcs.put_object(BUCKET, "staff/plan.txt", b"plan")
+
+        def read(name: str, **claims: object) -> int:
+            email = claims.pop("email", None)
+            token = dev_issuer.mint(
+                audience=AUD,
+                subject="m-1",
+                email=email,
+                extra=claims,  # type: ignore[arg-type]
+            )
+            return call(sidecar, "GET", f"/storage/v1/b/{BUCKET}/o/{name}?alt=media", token).status
+
+        assert read("shared%2Fnews.txt", email=ALICE) == 200
+        assert read("shared%2Fnews.txt", email=MALLORY) == 403
+        assert read("shared%2Fnews.txt") == 403  # no email: might be mallory
+        assert read("shared%2Fnews.txt", email=MALLORY, email_verified=False) == 403
+        assert read("shared%2Fnews.txt", email="mallory.example.net") == 403  # no `@`
+        resource = f"gs://{BUCKET}/shared/news.txt"
+        deadline = time.monotonic() + 5  # audit lines are written after the answer
+        while len(records := sidecar.audit_records(resource)) < 5 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        reasons = [r["audit"]["reason"] for r in records]
+        assert (
+            reasons[2:]
+            == [
+                "denied by rule 'not-mallory': it names callers by email, "
+                "and the token vouches for none"
+            ]
+            * 3
+        ), reasons
+        as_google = {"iss": google}
+        assert read("staff%2Fplan.txt", email=ALICE, hd="example.com", **as_google) == 200
+        assert read("staff%2Fplan.txt", email=ALICE, **as_google) == 403  # a personal account
+        assert read("staff%2Fplan.txt", email=ALICE, hd="evil.org", **as_google) == 403
+        assert read("staff%2Fplan.txt", email=ALICE, hd="example.com") == 200  # `hd` ignored
+    finally:
+        sidecar.stop()
+
+
 def test_a_copy_is_audited_as_the_write_of_its_destination_with_every_check(
     proxy, seeded, relay, tokens
 ):

@@ -34,8 +34,10 @@ from proxy.policy.model import ALL_VERBS, Effect
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "policies" / "example.yaml"
 GOOGLE = "https://accounts.google.com"
-ALICE = Identity(GOOGLE, "1", "alice@example.com")
-BOB = Identity(GOOGLE, "2", "bob@analytics.example.com")
+ALICE = Identity(GOOGLE, "1", "alice@example.com", "example.com")
+BOB = Identity(GOOGLE, "2", "bob@analytics.example.com", "analytics.example.com")
+# A personal Google account registered with a work address: no `hd`, not the domain's.
+DAVE = Identity(GOOGLE, "5", "dave@example.com")
 ETL = Identity(GOOGLE, "3", "etl@acme-prod.iam.gserviceaccount.com")
 STRANGER = Identity(GOOGLE, "4", "mallory@example.net")
 
@@ -107,6 +109,7 @@ def test_example_policy_loads_with_sources(example):
         (ALICE, "delete", "gs://acme-home/home/alice@example.com/n.txt", True, "per-user-home"),
         (ALICE, "read", "gs://acme-home/home/bob@example.com/n.txt", False, None),
         (ALICE, "read", "gs://acme-home/home/alice@example.com.evil/n.txt", False, None),
+        (DAVE, "read", "gs://acme-home/home/dave@example.com/n.txt", False, None),
         (ETL, "write", "gs://acme-reports/reports/2026/q2.csv", True, "etl-writes-reports"),
     ],
 )
@@ -135,6 +138,132 @@ def test_unverified_email_matches_nothing_but_subject(tmp_path):
     unverified = Identity(GOOGLE, "42", None)
     assert not decide(index, unverified, "read", "gs://bkt/x").allowed
     assert decide(index, unverified, "read", "gs://bkt/s/x").rule_id == "by-subject"
+
+
+DEV = "https://login.example.com"
+
+
+def deny_by_email(tmp_path: Path) -> PolicyIndex:
+    """Everyone reads shared/, but named callers: by email, by group, by domain."""
+    path = write(
+        tmp_path,
+        f"""
+        version: 1
+        issuers: [{{issuer: "{GOOGLE}", audiences: [a]}}, {{issuer: "{DEV}", audiences: [a]}}]
+        groups: {{banned: ["user:eve@example.org"]}}
+        rules:
+          - {{id: everyone, principals: [allAuthenticatedUsers], bucket: bkt, prefixes: [""], verbs: [read]}}
+          - {{id: no-ci, effect: deny, principals: ["serviceAccount:ci@p.iam.gserviceaccount.com"], bucket: bkt, prefixes: ["ci/"], verbs: [read]}}
+          - {{id: no-mallory, effect: deny, principals: ["user:Mallory@Example.com"], bucket: bkt, prefixes: ["m/"], verbs: [read]}}
+          - {{id: no-banned, effect: deny, principals: ["group:banned"], bucket: bkt, prefixes: ["g/"], verbs: [read]}}
+          - {{id: no-contractors, effect: deny, principals: ["domain:contractors.example.com"], bucket: bkt, prefixes: ["c/"], verbs: [read]}}
+          - {{id: subject-own, principals: ["subject:{DEV}#7"], bucket: bkt, prefixes: ["m/own/"], verbs: [write]}}
+        """,
+    )
+    return compile_policy(load_policy(path))
+
+
+@pytest.mark.parametrize("where", ["ci/x", "m/x", "g/x", "c/x"])
+@pytest.mark.parametrize("issuer", [GOOGLE, DEV])
+def test_a_deny_by_email_is_not_escaped_by_a_token_without_one(tmp_path, where, issuer):
+    """A review: with no email (or an unverified one) in the token, a caller denied by
+    email held only `allAuthenticatedUsers` and its subject, and read what its deny
+    covered. A deny that names callers by email now covers every caller whose email is not
+    known; a caller with another verified email is not affected."""
+    index = deny_by_email(tmp_path)
+    for nameless in (
+        Identity(issuer, "7"),
+        Identity.of(issuer, "7", {"email": "x@example.org", "email_verified": False}),
+    ):
+        decision = decide(index, nameless, "read", f"gs://bkt/{where}")
+        assert not decision.allowed
+        assert decision.reason.endswith("it names callers by email, and the token vouches for none")
+        assert carved_out(index, nameless, Access(Verb.READ, "bkt", where[:2]))
+    someone = Identity(issuer, "8", "someone@example.org")
+    assert decide(index, someone, "read", f"gs://bkt/{where}").rule_id == "everyone"
+    assert decide(index, Identity(issuer, "7"), "read", "gs://bkt/elsewhere").allowed
+    # Allows are not widened: the subject still writes only its own folder.
+    assert decide(index, Identity(issuer, "7"), "write", "gs://bkt/m/own/x").allowed == (issuer == DEV)
+
+
+def test_google_domains_are_the_hd_claim(tmp_path):
+    """A `domain:` principal of a Google token is its `hd` (the Workspace domain), as in
+    IAM: anyone may register a Google account with a work address (and keep it after
+    leaving). A deny by domain still covers such an account."""
+    path = write(
+        tmp_path,
+        f"""
+        version: 1
+        issuers: [{{issuer: "{GOOGLE}", audiences: [a]}}, {{issuer: "{DEV}", audiences: [a]}}]
+        rules:
+          - {{id: staff, principals: ["domain:example.com"], bucket: bkt, prefixes: ["staff/"], verbs: [read]}}
+          - {{id: everyone, principals: [allAuthenticatedUsers], bucket: bkt, prefixes: ["open/"], verbs: [read]}}
+          - {{id: no-example, effect: deny, principals: ["domain:example.com"], bucket: bkt, prefixes: ["open/closed/"], verbs: [read]}}
+        """,
+    )
+    index = compile_policy(load_policy(path))
+    member = Identity.of(GOOGLE, "1", {"email": "ann@example.com", "hd": "Example.COM"})
+    personal = Identity.of(GOOGLE, "2", {"email": "ann@example.com"})
+    elsewhere = Identity.of(GOOGLE, "3", {"email": "ann@example.com", "hd": "other.org"})
+    other_issuer = Identity.of(DEV, "4", {"email": "ann@example.com", "hd": "other.org"})
+    assert member.domain == "example.com" and personal.domain is None
+    assert other_issuer.domain == "example.com"  # `hd` is Google's claim only
+    assert decide(index, member, "read", "gs://bkt/staff/x").allowed
+    assert decide(index, other_issuer, "read", "gs://bkt/staff/x").allowed
+    for outsider in (personal, elsewhere):
+        assert not decide(index, outsider, "read", "gs://bkt/staff/x").allowed
+        refused = decide(index, outsider, "read", "gs://bkt/open/closed/x")
+        assert refused.rule_id == "no-example" and "names no such hd" in refused.reason
+        assert decide(index, outsider, "read", "gs://bkt/open/x").allowed
+
+
+@pytest.mark.parametrize(
+    ("claimed", "email"),
+    [
+        ("example.com", None),  # no `@`: was user:example.com and domain:example.com
+        ("@example.com", None),
+        ("ann@", None),
+        ("a@evil.org@example.com", None),
+        ("Ann@Example.COM", "ann@example.com"),
+        ("\u212aate@example.com", "\u212aate@example.com"),  # Kelvin sign: not kate's
+    ],
+)
+def test_an_email_claim_counts_only_well_formed_and_ascii_folded(claimed, email):
+    identity = Identity.of(DEV, "1", {"email": claimed})
+    assert identity.email == email
+    if email is None:
+        assert identity.principals() == {"allAuthenticatedUsers", f"subject:{DEV}#1"}
+
+
+def test_a_subject_principal_names_a_configured_issuer_as_tokens_do(tmp_path):
+    """`accounts.google.com` is the other spelling of Google's issuer in its tokens; an
+    issuer the policy does not configure can never match, so naming one is an error."""
+    path = write(
+        tmp_path,
+        f"""
+        version: 1
+        issuers: [{{issuer: "{GOOGLE}", audiences: [a]}}]
+        rules:
+          - {{id: everyone, principals: [allAuthenticatedUsers], bucket: bkt, prefixes: [""], verbs: [read]}}
+          - {{id: not-42, effect: deny, principals: ["subject:accounts.google.com#42"], bucket: bkt, prefixes: ["s/"], verbs: [read]}}
+        """,
+    )
+    index = compile_policy(load_policy(path))
+    assert decide(index, Identity(GOOGLE, "42"), "read", "gs://bkt/s/x").rule_id == "not-42"
+    assert decide(index, Identity(GOOGLE, "43"), "read", "gs://bkt/s/x").allowed
+    typo = write(
+        tmp_path,
+        f"""
+        version: 1
+        issuers: [{{issuer: "{GOOGLE}", audiences: [a]}}]
+        groups: {{g: ["subject:https://login.example.com/#abc"]}}
+        rules:
+          - {{id: r, principals: ["group:g", "subject:https://accounts.google.com/#1"], bucket: bkt, prefixes: [""], verbs: [read]}}
+        """,
+    )
+    errors = errors_of(typo)
+    assert len(errors) == 2
+    assert all("which is not in issuers" in e for e in errors)
 
 
 @pytest.mark.parametrize(

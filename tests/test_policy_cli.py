@@ -271,6 +271,9 @@ def test_explain_text_and_json(capsys):
 def test_explain_claims_shape_the_identity(capsys):
     home = ["read", "gs://acme-home/home/carol@example.com/a.txt"]
     base = ["explain", "--policy", str(EXAMPLE), "--identity", "carol@example.com"]
+    # A Google token names the Workspace domain in `hd`: without it, not example.com's.
+    assert run_json(capsys, *base, *home)[1]["decision"] == "deny"
+    base += ["--claim", "hd=example.com"]
     assert run_json(capsys, *base, *home)[1]["decision"] == "allow"
     unverified = run_json(capsys, *base, "--claim", "email_verified=false", *home)[1]
     assert unverified["decision"] == "deny"
@@ -343,14 +346,47 @@ def test_who_can_lists_denied_members_of_a_wider_grant(capsys, tmp_path):
     )
 
 
+def test_who_can_finds_holders_singled_out_by_a_template(capsys, tmp_path):
+    """A review: who-can answered nobody for `subs/1234/` of a `domain:` rule's
+    `subs/${sub}/`, and for a `subject:` rule's `sh/${email}/`, where the sidecar and
+    explain allow. The subject a path names, or the email, is now tried on each holder."""
+    dev = "https://login.example.com"
+    rules = f"""\
+        issuers: [{{issuer: "https://accounts.google.com", audiences: [a]}}, {{issuer: "{dev}", audiences: [a]}}]
+        rules:
+          - {{id: subs, principals: ["domain:example.com"], bucket: bkt, prefixes: ["subs/${{sub}}/"], verbs: [read]}}
+          - {{id: shared, principals: ["subject:{dev}#sa-77"], bucket: bkt, prefixes: ["sh/${{email}}/"], verbs: [read]}}
+          - {{id: homes, principals: [allAuthenticatedUsers], bucket: bkt, prefixes: ["home/${{email}}/"], verbs: [read]}}
+        """
+    path = tmp_path / "p.yaml"
+    path.write_text("version: 1\n" + textwrap.dedent(rules))
+    base = ["who-can", "--policy", str(path), "read"]
+    assert run_json(capsys, *base, "gs://bkt/subs/1234/x")[1]["principals"] == [
+        "subject:https://accounts.google.com#1234",
+        f"subject:{dev}#1234",
+    ]
+    assert run_json(capsys, *base, "gs://bkt/sh/bob@example.org/f")[1]["principals"] == [
+        f"subject:{dev}#sa-77"
+    ]
+    # A template of anyone's email singles out that user, not everyone.
+    assert run_json(capsys, *base, "gs://bkt/home/bob@example.org/f")[1]["principals"] == [
+        "user:bob@example.org"
+    ]
+    explain = ["explain", "--policy", str(path), "--identity", "ann@example.com", "read"]
+    decision = run_json(
+        capsys, *explain, "--claim", f"iss={dev}", "--claim", "sub=1234", "gs://bkt/subs/1234/x"
+    )
+    assert decision[1]["decision"] == "allow"
+
+
 # -- test -------------------------------------------------------------------------------------
 
 
 def test_example_tests_pass(capsys):
     code, out, _ = run(capsys, "test", str(EXAMPLE_TESTS))
-    assert (code, out) == (0, "15 passed, 0 failed\n")
+    assert (code, out) == (0, "16 passed, 0 failed\n")
     code, data = run_json(capsys, "test", str(EXAMPLE.parent))
-    assert code == 0 and data["passed"] == 15 and data["failed"] == 0
+    assert code == 0 and data["passed"] == 16 and data["failed"] == 0
 
 
 def test_failing_case_names_expectation_and_deciding_rule(capsys, tmp_path):

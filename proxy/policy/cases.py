@@ -10,10 +10,18 @@ import yaml
 from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
 from proxy.policy.evaluate import Access, Decision, PolicyIndex, compile_policy, evaluate
-from proxy.policy.load import GOOGLE_ISSUER, PolicyError, load_policy
-from proxy.policy.model import Identity, InputError, Policy, Source, Verb, email_vouched
+from proxy.policy.load import PolicyError, load_policy
+from proxy.policy.model import (
+    GOOGLE_ISSUER,
+    ISSUER_ALIASES,
+    Identity,
+    InputError,
+    Policy,
+    Source,
+    Verb,
+)
 
-IDENTITY_KEYS = ("email", "sub", "issuer", "email_verified")
+IDENTITY_KEYS = ("email", "sub", "issuer", "email_verified", "hd")
 CASE_KEYS = ("name", "identity", "verb", "resource", "expect", "rule")
 
 
@@ -26,7 +34,7 @@ def parse_resource(value: str) -> tuple[str, str]:
 
 
 # The token claims a decision depends on besides the email (`--identity`).
-CLAIMS = ("iss", "sub", "email_verified")
+CLAIMS = ("iss", "sub", "email_verified", "hd")
 
 
 def parse_claims(claims: Sequence[str]) -> dict[str, str]:
@@ -44,16 +52,12 @@ def parse_claims(claims: Sequence[str]) -> dict[str, str]:
 def make_identity(policy: Policy, values: Mapping[str, str | bool | None]) -> Identity:
     """The identity a verified token with these claims would yield (as proxy.identity does)."""
     email = values.get("email")
-    issuer = values.get("issuer") or values.get("iss")
+    named = values.get("issuer") or values.get("iss")
     subject = values.get("sub") or email
     if not isinstance(subject, str) or not subject:
         raise InputError("an identity needs an email or a sub")
-    verified = email_vouched(values)
-    return Identity(
-        issuer=str(issuer) if issuer else _default_issuer(policy),
-        subject=subject,
-        email=email.lower() if isinstance(email, str) and email and verified else None,
-    )
+    issuer = str(named) if named else _default_issuer(policy)
+    return Identity.of(ISSUER_ALIASES.get(issuer, issuer), subject, values)
 
 
 def _default_issuer(policy: Policy) -> str:

@@ -7,13 +7,16 @@ from collections import defaultdict
 from dataclasses import dataclass, field, replace
 
 from proxy.policy.model import (
+    ISSUER_ALIASES,
     TEMPLATE_VARIABLES,
+    UNKNOWN_EMAIL,
     Effect,
     Identity,
     Mode,
     Policy,
     Rule,
     Verb,
+    fold,
     template_safe,
 )
 
@@ -179,15 +182,23 @@ def expand_principal(policy: Policy, principal: str) -> tuple[str, ...]:
 
 def _normalise(principal: str) -> str:
     kind, sep, rest = principal.partition(":")
-    if kind in {"user", "serviceAccount", "domain"}:
-        return f"{kind}{sep}{rest.lower()}"
+    if kind in _BY_EMAIL:
+        return f"{kind}{sep}{fold(rest)}"
+    if kind == "subject":
+        issuer, _, subject = rest.partition("#")
+        return f"subject:{ISSUER_ALIASES.get(issuer, issuer)}#{subject}"
     return principal
+
+
+_BY_EMAIL = frozenset({"user", "serviceAccount", "domain"})
 
 
 def compile_policy(policy: Policy) -> PolicyIndex:
     tables: dict[tuple[str, str], _PrefixTable] = defaultdict(_PrefixTable)
     for order, rule in enumerate(policy.rules):
         keys = {p for principal in rule.principals for p in expand_principal(policy, principal)}
+        if rule.effect is Effect.DENY and any(k.partition(":")[0] in _BY_EMAIL for k in keys):
+            keys.add(UNKNOWN_EMAIL)  # a caller whose email is not known may be one of them
         for key in keys:
             table = tables[(key, rule.bucket)]
             for prefix in rule.prefixes:
@@ -212,9 +223,25 @@ def evaluate(index: PolicyIndex, identity: Identity, access: Access) -> Decision
                 allow = allowed
     if deny is not None:
         return Decision(False, access, deny.rule, f"denied by rule {deny.rule.id!r}")
+    for principal in identity.deny_only_principals():
+        table = index.tables.get((principal, access.bucket))
+        for slot in table.slots(identity, access.path) if table is not None else ():
+            denied = slot.deny.get(access.verb)
+            if denied is not None and (deny is None or denied.order < deny.order):
+                deny = denied
+    if deny is not None:
+        return Decision(False, access, deny.rule, _unproven(deny.rule, identity))
     if allow is not None:
         return Decision(True, access, allow.rule, f"allowed by rule {allow.rule.id!r}")
     return Decision(False, access, None, f"no rule grants {access.verb.value} on {access.resource}")
+
+
+def _unproven(rule: Rule, identity: Identity) -> str:
+    if identity.email is None:
+        return (
+            f"denied by rule {rule.id!r}: it names callers by email, and the token vouches for none"
+        )
+    return f"denied by rule {rule.id!r}: the email is in its domain, and the token names no such hd"
 
 
 def may_be_granted(index: PolicyIndex, identity: Identity, verb: Verb, bucket: str) -> bool:
@@ -241,7 +268,7 @@ def allowing(index: PolicyIndex, identity: Identity, bucket: str) -> list[str]:
 def carved_out(index: PolicyIndex, identity: Identity, access: Access) -> bool:
     """Whether some deny rule hides part of what lies under `access.path` from `identity`
     (the deny carve-outs a list of that prefix filters out)."""
-    for principal in identity.principals():
+    for principal in identity.principals() | identity.deny_only_principals():
         table = index.tables.get((principal, access.bucket))
         if table is not None and table.denies_under(identity, access.verb, access.path):
             return True

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 from proxy.policy.evaluate import (
     Access,
+    Decision,
     PolicyIndex,
     allowing,
     compile_policy,
@@ -17,7 +18,7 @@ from proxy.policy.evaluate import (
     expand_principal,
     expand_template,
 )
-from proxy.policy.model import ALL_VERBS, TEMPLATE_VARIABLES, Identity, Policy
+from proxy.policy.model import ALL_VERBS, TEMPLATE_VARIABLES, Identity, Policy, fold
 
 # A stand-in issuer and subject no `subject:` principal names, for principals that are emails.
 ANY_ISSUER = "urn:gcs-iap-proxy:any-issuer"
@@ -60,13 +61,32 @@ class Representatives:
             identity = Identity(ANY_ISSUER, ANY_SUBJECT, rest)
             return identity if principal in identity.principals() else None
         if kind == "domain":
-            return Identity(ANY_ISSUER, ANY_SUBJECT, self._unnamed_member(rest))
+            return Identity(ANY_ISSUER, ANY_SUBJECT, self.member(rest))
         if kind == "subject":
             issuer, _, subject = rest.partition("#")
             return Identity(issuer, subject)
         return Identity(ANY_ISSUER, ANY_SUBJECT)
 
-    def _unnamed_member(self, domain: str) -> str:
+    def variants(
+        self, principal: str, emails: Iterable[str], subjects: Iterable[str]
+    ) -> Iterator[Identity]:
+        """The representative, then holders of the principal with the claims it leaves
+        open taken from `emails` and `subjects`: what a templated prefix singles out
+        (`subs/${sub}/` of a domain, `sh/${email}/` of a subject)."""
+        identity = self.identity(principal)
+        if identity is None:
+            return
+        yield identity
+        kind = principal.partition(":")[0]
+        if kind == "subject":
+            for email in emails:
+                yield Identity(identity.issuer, identity.subject, email, email.rpartition("@")[2])
+        elif kind in {"user", "serviceAccount"}:  # one person: a whole domain is not its
+            for subject in subjects:  # member with this subject (listed as that subject)
+                yield Identity(identity.issuer, subject, identity.email)
+
+    def member(self, domain: str) -> str:
+        """An email of `domain` no principal names."""
         local, n = _ANYONE, 0
         while f"{local}@{domain}" in self._emails:
             n += 1
@@ -120,34 +140,59 @@ def _bindings(template: str, path: str) -> dict[str, str] | None:
     return dict(match.groupdict()) if match else None
 
 
-def _template_principals(policy: Policy, bucket: str, path: str) -> set[str]:
-    """Principals a templated prefix singles out for this path (`home/${email}/` -> user:...)."""
-    found: set[str] = set()
+def _template_values(policy: Policy, bucket: str, path: str) -> list[dict[str, str]]:
+    """The template values that make some rule's templated prefix a prefix of `path`."""
+    found = []
     for rule in policy.rules:
         if rule.bucket != bucket:
             continue
         for prefix in rule.prefixes:
             values = _bindings(prefix, path) if "${" in prefix else None
-            if not values or not set(values) <= TEMPLATE_VARIABLES:
-                continue
-            email, domain, sub = values.get("email"), values.get("domain"), values.get("sub")
-            if email:
-                kind = "serviceAccount" if email.endswith(".gserviceaccount.com") else "user"
-                found.add(f"{kind}:{email.lower()}")
-            elif domain:
-                found.add(f"domain:{domain.lower()}")
-            elif sub:
-                found.update(f"subject:{i.issuer}#{sub}" for i in policy.issuers)
+            if values and set(values) <= TEMPLATE_VARIABLES:
+                found.append(values)
+    return found
+
+
+def _template_principals(policy: Policy, bound: list[dict[str, str]]) -> set[str]:
+    """Principals a templated prefix singles out for this path (`home/${email}/` -> user:...)."""
+    found: set[str] = set()
+    for values in bound:
+        email, domain, sub = values.get("email"), values.get("domain"), values.get("sub")
+        if email:
+            kind = "serviceAccount" if email.endswith(".gserviceaccount.com") else "user"
+            found.add(f"{kind}:{fold(email)}")
+        elif domain:
+            found.add(f"domain:{fold(domain)}")
+        elif sub:
+            found.update(f"subject:{i.issuer}#{sub}" for i in policy.issuers)
     return found
 
 
 def who_can(policy: Policy, access: Access, index: PolicyIndex | None = None) -> WhoCan:
-    """The principals (groups expanded, denies applied) that may perform `access`."""
+    """The principals (groups expanded, denies applied) that may perform `access`.
+
+    A principal is listed if some holder of it may: a `subject:` with an email the path
+    names or in a domain the policy names, a person with a subject the path names."""
     index = index or compile_policy(policy)
-    candidates = principals_of(policy) | _template_principals(policy, access.bucket, access.path)
+    bound = _template_values(policy, access.bucket, access.path)
+    candidates = principals_of(policy) | _template_principals(policy, bound)
     candidates.add("allAuthenticatedUsers")
     people = Representatives(candidates)
-    allowed = {p for p in candidates if _allowed(index, people.identity(p), access)}
+    emails = {fold(v["email"]) for v in bound if "email" in v and "@" in v["email"]}
+    emails |= {people.member(p.partition(":")[2]) for p in candidates if p.startswith("domain:")}
+    subjects = sorted({v["sub"] for v in bound if "sub" in v})
+
+    def may(principal: str) -> bool:
+        for n, identity in enumerate(people.variants(principal, emails, subjects)):
+            decision = evaluate(index, identity, access)
+            # A variant counts only by a rule naming the principal, or singling out its
+            # subject: `home/${email}/` of everyone allows a subject whose email is bob's,
+            # but that is bob's home.
+            if decision.allowed and (n == 0 or _names(policy, decision, principal, access)):
+                return True
+        return False
+
+    allowed = {p for p in candidates if may(p)}
     listed = prune(allowed)
     refused = sorted(
         p for p in candidates - allowed if any(covers(q, p) and q != p for q in listed)
@@ -155,8 +200,17 @@ def who_can(policy: Policy, access: Access, index: PolicyIndex | None = None) ->
     return WhoCan(access, tuple(listed), tuple(refused))
 
 
-def _allowed(index: PolicyIndex, identity: Identity | None, access: Access) -> bool:
-    return identity is not None and evaluate(index, identity, access).allowed
+def _names(policy: Policy, decision: Decision, principal: str, access: Access) -> bool:
+    rule = decision.rule
+    if rule is None:
+        return False
+    if any(principal in expand_principal(policy, p) for p in rule.principals):
+        return True
+    kind, _, rest = principal.partition(":")
+    subject = rest.partition("#")[2]
+    return kind == "subject" and any(
+        (_bindings(p, access.path) or {}).get("sub") == subject for p in rule.prefixes if "${" in p
+    )
 
 
 # -- diff -----------------------------------------------------------------------------------

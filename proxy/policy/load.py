@@ -16,6 +16,9 @@ from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 from proxy.gcs.headers import RESERVED_REQUEST_HEADERS
 from proxy.policy.model import (
     ALL_VERBS,
+    GOOGLE_ISSUER,
+    IAP_ISSUER,
+    ISSUER_ALIASES,
     TEMPLATE_VARIABLES,
     Effect,
     Issuer,
@@ -31,8 +34,6 @@ from proxy.policy.model import (
 # either way; this module reads them itself.
 _LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
-GOOGLE_ISSUER = "https://accounts.google.com"
-IAP_ISSUER = "https://cloud.google.com/iap"
 IAP_HEADER = "x-goog-iap-jwt-assertion"
 
 # Key locations and algorithms for issuers that publish no OIDC discovery we rely on.
@@ -140,6 +141,7 @@ class _Builder:
         self.rule_sources: dict[str, Source] = {}
         self.user_projects: set[str] = set()
         self.group_refs: list[tuple[str, Source]] = []
+        self.subject_refs: list[tuple[str, Source]] = []  # the issuers `subject:` names
         self.saw_issuers = False
 
     # -- reporting ---------------------------------------------------------
@@ -407,6 +409,8 @@ class _Builder:
             return False
         if kind == "group":
             self.group_refs.append((rest, self.source(node)))
+        elif kind == "subject":
+            self.subject_refs.append((rest.partition("#")[0], self.source(node)))
         return True
 
     def add_rule(self, node: Node) -> None:
@@ -500,6 +504,12 @@ class _Builder:
         for name, source in self.group_refs:
             if name not in self.groups:
                 self.errors.append(f"{source}: undefined group {name!r}")
+        issuers = {i.issuer for i in self.issuers}
+        for issuer, source in self.subject_refs:
+            if ISSUER_ALIASES.get(issuer, issuer) not in issuers:
+                self.errors.append(  # it could never match: a deny naming it would be dead
+                    f"{source}: subject principal of issuer {issuer!r}, which is not in issuers"
+                )
         modes = {mode for mode, _ in self.modes}
         if len(modes) > 1:
             for mode, source in self.modes:

@@ -3,8 +3,23 @@
 from __future__ import annotations
 
 import enum
+import string
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from functools import cached_property
+
+GOOGLE_ISSUER = "https://accounts.google.com"
+IAP_ISSUER = "https://cloud.google.com/iap"
+# Issuers whose tokens name the caller's Google Workspace or Cloud Identity domain in `hd`:
+# their `domain:` is that claim, as in IAM, not the email's domain (anyone can sign up for
+# a Google account with a work address, and keep it after leaving).
+HOSTED_DOMAIN_ISSUERS = frozenset({GOOGLE_ISSUER, IAP_ISSUER})
+# The spelling of Google's issuer that its tokens may also carry, as policies may write it.
+ISSUER_ALIASES = {"accounts.google.com": GOOGLE_ISSUER}
+# Held by an identity whose token vouches for no usable email: deny rules that name callers
+# by email or domain apply to it, so a deny is not escaped by leaving the email out. Not a
+# principal a policy can write.
+UNKNOWN_EMAIL = "email-unknown:"
 
 
 class Verb(enum.StrEnum):
@@ -88,6 +103,26 @@ def email_vouched(claims: Mapping[str, object]) -> bool:
     return verified is True or (isinstance(verified, str) and verified.lower() == "true")
 
 
+_ASCII_LOWER = str.maketrans(string.ascii_uppercase, string.ascii_lowercase)
+
+
+def fold(text: str) -> str:
+    """ASCII letters lowered, nothing else (str.lower() makes the Kelvin sign a `k`: a
+    token's `\u212aate@` would be kate's)."""
+    return text.translate(_ASCII_LOWER)
+
+
+def usable_email(value: object) -> str | None:
+    """A claimed email as principals compare it: one `@` between a local part and a
+    domain, folded; None for anything else (`example.com` alone would be that domain)."""
+    if not isinstance(value, str):
+        return None
+    local, at, domain = value.partition("@")
+    if not (at and local and domain) or "@" in domain:
+        return None
+    return fold(value)
+
+
 def template_safe(value: str | None) -> bool:
     """Whether an identity value may be substituted into a prefix template."""
     if not value or ".." in value:
@@ -101,14 +136,18 @@ class InputError(ValueError):
 
 @dataclass(frozen=True)
 class Identity:
-    """A verified caller. `email` is set only when the token vouches for it."""
+    """A verified caller. `email` is set only when the token vouches for it (and folded);
+    `hosted_domain` is a Google token's `hd`."""
 
     issuer: str
     subject: str
     email: str | None = None
+    hosted_domain: str | None = None
 
     @property
     def domain(self) -> str | None:
+        if self.issuer in HOSTED_DOMAIN_ISSUERS:
+            return self.hosted_domain
         return self.email.rpartition("@")[2] if self.email else None
 
     @property
@@ -116,12 +155,37 @@ class Identity:
         return self.email or f"{self.issuer}#{self.subject}"
 
     def principals(self) -> frozenset[str]:
+        return self._principals
+
+    def deny_only_principals(self) -> frozenset[str]:
+        """More principals whose deny rules apply, and only those: a deny cannot be escaped
+        by a token without an email, or a Google token without its domain's `hd`."""
+        return self._deny_only
+
+    @cached_property
+    def _principals(self) -> frozenset[str]:
         found = {"allAuthenticatedUsers", f"subject:{self.issuer}#{self.subject}"}
         if self.email:
             kind = "serviceAccount" if self.email.endswith(".gserviceaccount.com") else "user"
             found.add(f"{kind}:{self.email}")
+        if self.domain:
             found.add(f"domain:{self.domain}")
         return frozenset(found)
 
+    @cached_property
+    def _deny_only(self) -> frozenset[str]:
+        if not self.email:
+            return frozenset({UNKNOWN_EMAIL})
+        return frozenset({f"domain:{self.email.rpartition('@')[2]}"}) - self._principals
+
     def template_values(self) -> dict[str, str | None]:
         return {"email": self.email, "sub": self.subject, "domain": self.domain}
+
+    @classmethod
+    def of(cls, issuer: str, subject: str, claims: Mapping[str, object]) -> Identity:
+        """The identity a token's verified claims name (the sidecar's and the policy
+        tools' one reading): the email if vouched for and well formed, Google's `hd`."""
+        email = usable_email(claims.get("email")) if email_vouched(claims) else None
+        hd = claims.get("hd")
+        hosted = isinstance(hd, str) and hd and issuer in HOSTED_DOMAIN_ISSUERS
+        return cls(issuer, subject, email, fold(hd) if hosted and isinstance(hd, str) else None)
