@@ -43,6 +43,7 @@ from proxy.policy import (
     carved_out,
     evaluate,
     evaluate_all,
+    granting_prefixes,
     may_be_granted,
 )
 
@@ -256,7 +257,8 @@ def authorize(
 ) -> Operation:
     decision = evaluate_all(policy, identity, operation.accesses)
     if decision.allowed and operation.kind is Kind.LIST:
-        probes = _carve_out_probes(policy, identity, operation, decision.access)
+        region = _granted_region(identity, decision)
+        probes = _carve_out_probes(policy, identity, operation, region)
         if probes:
             refused = Decision(False, decision.access, None, f"{probes} over a deny carve-out")
             _record_decision(record, refused, policy)
@@ -298,6 +300,20 @@ def _carve_out_probes(
     if not probes or not carved_out(policy, identity, access):
         return ""
     return ", ".join(sorted(probes))
+
+
+def _granted_region(identity: Identity, decision: Decision) -> Access:
+    """Where to look for carve-outs a listing's probes could reach: under the folder asked
+    for (a prefix ending in `/`), else under the whole prefix of the rule that allowed it.
+    A refusal that depended on any prefix asked for would let a caller grow it a letter at
+    a time and spell out a hidden folder from 403s (a review did, in 342 requests, with
+    nothing stored there); a folder tells only that something under it is hidden, as the
+    folder itself does when listed, and only to a caller who names it whole."""
+    access = decision.access
+    if access.path.endswith("/") or not access.path or decision.rule is None:
+        return access
+    granted = granting_prefixes(decision.rule, identity, access.path)
+    return Access(access.verb, access.bucket, min(granted, key=len, default=access.path))
 
 
 # List parameters that choose where a listing starts, which names it matches or how it

@@ -4,6 +4,7 @@
     ├── BadRequest             400 invalid
     ├── Unauthenticated        401 required / authError (+ WWW-Authenticate)
     ├── Forbidden              403 forbidden
+    │   └── UpstreamForbidden      (Cloud Storage's own 403: its reason, our message)
     ├── NotFound               404 notFound
     ├── MethodNotAllowed       405 methodNotAllowed
     ├── PayloadTooLarge        413 uploadTooLarge
@@ -77,6 +78,19 @@ class Unauthenticated(ProxyError):
 class Forbidden(ProxyError):
     status = 403
     reason = "forbidden"
+
+
+class UpstreamForbidden(Forbidden):
+    """Cloud Storage refused the proxy's own request (its IAM, a retention policy, a
+    requester-pays bucket). Its reason is kept, for clients that act on it; its message is
+    not: that names the proxy's service account and project."""
+
+    def __init__(self, upstream_reason: str) -> None:
+        super().__init__(f"Cloud Storage refused the request ({upstream_reason})")
+        self.upstream_reason = upstream_reason
+
+    def body(self) -> dict[str, object]:
+        return error_body(self.status, self.upstream_reason, self.message)
 
 
 class NotFound(ProxyError):

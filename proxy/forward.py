@@ -14,7 +14,13 @@ from urllib.parse import parse_qs, urlsplit
 import aiohttp
 from aiohttp import web
 
-from proxy.errors import BadRequest, CredentialsRefused, UpstreamError, UpstreamTimeout
+from proxy.errors import (
+    BadRequest,
+    CredentialsRefused,
+    UpstreamError,
+    UpstreamForbidden,
+    UpstreamTimeout,
+)
 from proxy.gcs.bodies import Body
 from proxy.gcs.build import response_headers, upstream_headers, upstream_target
 from proxy.gcs.operation import Kind, Operation
@@ -112,6 +118,8 @@ class Forwarder:
                 outcome.status = upstream.status
                 if upstream.status == 401:  # the sidecar's token, not the caller's
                     raise CredentialsRefused("Cloud Storage refused the proxy's credentials")
+                if upstream.status == 403:
+                    raise UpstreamForbidden(await _refusal_reason(upstream))
                 if plan.mint_session is not None and upstream.status < 300:
                     return self._session_started(origin, operation, upstream, plan.mint_session)
                 if reads_answer and upstream.status < 300:
@@ -176,7 +184,9 @@ class Forwarder:
             document = json.loads(raw) if raw else {}
         except ValueError as exc:
             raise UpstreamError("Cloud Storage sent a malformed response") from exc
-        document = reshape(operation.kind, document, origin, plan.keep)
+        document = reshape(
+            operation.kind, document, origin, plan.keep, operation.bucket, operation.object
+        )
         if plan.page_token is not None and isinstance(document, dict):
             following = document.pop("nextPageToken", None)
             if isinstance(following, str) and following:
@@ -246,6 +256,26 @@ class Forwarder:
             raise ConnectionResetError("download cut short") from exc
         await _flushed(request, self.idle_timeout)
         return response
+
+
+_REASON = re.compile(r"[A-Za-z]{1,64}")
+_XML_CODE = re.compile(rb"<Code>([A-Za-z]{1,64})</Code>")
+
+
+async def _refusal_reason(upstream: Response) -> str:
+    """The reason of Cloud Storage's 403 (`forbidden`, `retentionPolicyNotMet`,
+    `userProjectMissing`; an XML answer's `Code`), or `forbidden`."""
+    raw = bytearray()
+    async for chunk in upstream.chunks():
+        raw += chunk
+        if len(raw) > MAX_JSON_RESPONSE:
+            return "forbidden"
+    try:
+        reason = json.loads(raw)["error"]["errors"][0]["reason"]
+    except (ValueError, LookupError, TypeError):
+        code = _XML_CODE.search(raw)
+        reason = code.group(1).decode() if code else None
+    return reason if isinstance(reason, str) and _REASON.fullmatch(reason) else "forbidden"
 
 
 async def _flushed(request: web.BaseRequest, limit: float | None) -> None:

@@ -1800,6 +1800,25 @@ def test_no_probing_a_deny_carve_out_through_list_parameters(
     assert reply.status == 200, reply.body
 
 
+def test_probe_refusals_do_not_spell_out_where_a_carve_out_lies(proxy, seeded, relay, tokens):
+    """A review grew the listed prefix a letter at a time: a probe parameter was refused
+    only when a deny prefix started with the prefix asked for, so 403 against 200 spelled
+    out a hidden folder, with nothing stored in it. Below a folder, the refusal now
+    depends on the grant (alice/, which holds a carve-out), the same whichever letters
+    are asked for; a folder named whole is judged by what lies under it."""
+
+    def status(prefix: str, probe: str) -> int:
+        target = f"/storage/v1/b/{BUCKET}/o?prefix={prefix}&{probe}"
+        return call(proxy, "GET", target, tokens["alice"]).status
+
+    for probe in ("startOffset=alice%2F", "delimiter=-", "matchGlob=alice%2F**"):
+        assert {
+            status(p, probe) for p in ("alice%2F", "alice%2Fs", "alice%2Fsecret", "alice%2Fq")
+        } == {403}
+        assert status("alice%2Fdocs%2F", probe) == 200  # nothing hidden in that folder
+    assert [s.query for s in relay.seen if "prefix=alice%2Fs" in s.query] == []
+
+
 def test_a_page_token_continues_only_its_own_listing(proxy, seeded, relay, tokens):
     """A review replayed a token pointing into alice/secret/ under another prefix and
     delimiter (upstream's tokens say where to start): bound to the listing now."""

@@ -27,6 +27,7 @@ AUD = "answers"
 BUCKET = "answers-bucket"
 ALICE = "alice@example.com"
 REAL_ID = "real-upload-id-never-for-the-caller"
+SIDECAR_ACCOUNT = "gcs-sidecar@acme-prod-4711.iam.gserviceaccount.com"
 
 
 @dataclass
@@ -46,7 +47,44 @@ class Scripted:
             "name": "alice/a.txt",
             "selfLink": f"https://storage.googleapis.com/storage/v1/b/{BUCKET}/o/alice%2Fa.txt",
         }
-        if "refused" in path:
+        if "forbidden" in path:  # Cloud Storage's own 403, in its own words
+            reason = "retentionPolicyNotMet" if "retention" in path else "forbidden"
+            message = (
+                f"{SIDECAR_ACCOUNT} does not have storage.objects.get access to the Google "
+                f"Cloud Storage object. Permission 'storage.objects.get' denied on resource."
+            )
+            if path.startswith(f"/{BUCKET}/"):  # the XML API
+                body = (
+                    "<?xml version='1.0' encoding='UTF-8'?><Error><Code>AccessDenied</Code>"
+                    f"<Message>Access denied.</Message><Details>{message}</Details></Error>"
+                ).encode()
+            else:
+                body = json.dumps(
+                    {
+                        "error": {
+                            "code": 403,
+                            "message": message,
+                            "errors": [{"message": message, "domain": "global", "reason": reason}],
+                        }
+                    }
+                ).encode()
+            answer = web.Response(status=403, body=body)
+            answer.headers["WWW-Authenticate"] = (
+                'Bearer realm="https://accounts.google.com/", error="insufficient_scope"'
+            )
+        elif "fields" in request.query:  # as the JSON API answers `fields`: only those
+            full = document | {
+                "mediaLink": f"https://storage.googleapis.com/download/storage/v1/b/{BUCKET}"
+                "/o/alice%2Fa.txt?generation=1&alt=media",
+                "generation": "1",
+                "acl": [{"entity": "user-bob@example.com", "role": "OWNER"}],
+                "owner": {"entity": "user-bob@example.com"},
+            }
+            wanted = request.query["fields"].split(",")
+            answer = web.Response(
+                body=json.dumps({k: full[k] for k in wanted if k in full}).encode()
+            )
+        elif "refused" in path:
             answer = web.Response(
                 status=401,
                 body=b'{"error": {"code": 401, "message": "Invalid Credentials"}}',
@@ -207,3 +245,62 @@ def test_json_answers_are_asked_for_uncompressed_media_keeps_the_callers_choice(
     assert script.seen[-1][2] is None
     get(process, object_path("gzipped.txt") + "?alt=media", token, asked)
     assert script.seen[-1][2] == "gzip"
+
+
+@pytest.mark.parametrize(
+    ("target", "reason"),
+    [
+        (object_path("forbidden.txt"), "forbidden"),
+        (object_path("forbidden.txt") + "?alt=media", "forbidden"),
+        (f"/download/storage/v1/b/{BUCKET}/o/alice%2Fforbidden.txt?alt=media", "forbidden"),
+        (object_path("retention-forbidden.txt"), "retentionPolicyNotMet"),
+        (f"/{BUCKET}/alice/forbidden.txt", "AccessDenied"),
+    ],
+)
+def test_a_403_from_cloud_storage_keeps_its_reason_not_its_words(
+    scripted: tuple[ProxyProcess, Scripted, str, DevMetadataServer], target: str, reason: str
+) -> None:
+    """A review: Cloud Storage's own 403 reached the caller verbatim, naming the sidecar's
+    service account and project, with upstream's challenge. The reason stays (clients act
+    on `retentionPolicyNotMet`); the message and headers are the sidecar's."""
+    process, _, token, _ = scripted
+    connection = http.client.HTTPConnection("127.0.0.1", process.port, timeout=30)
+    connection.request("GET", target, headers={"Authorization": f"Bearer {token}"})
+    response = connection.getresponse()
+    body = response.read()
+    connection.close()
+    assert response.status == 403
+    assert response.getheader("WWW-Authenticate") is None
+    assert b"acme-prod" not in body and b"gcs-sidecar" not in body
+    error = json.loads(body)["error"]
+    assert error["code"] == 403 and error["errors"][0]["reason"] == reason
+    assert error["message"] == f"Cloud Storage refused the request ({reason})"
+
+
+@pytest.mark.parametrize(
+    "fields", ["name,selfLink,mediaLink", "selfLink,mediaLink", "mediaLink,acl,owner"]
+)
+def test_fields_without_kind_still_get_links_through_the_sidecar_and_no_acl(
+    scripted: tuple[ProxyProcess, Scripted, str, DevMetadataServer], fields: str
+) -> None:
+    """A review: the answer was rewritten only when it said `kind: storage#object`, so a
+    caller's `fields` without `kind` got upstream's links (and, where the sidecar cannot ask
+    for noAcl, the ACL)."""
+    process, _, token, _ = scripted
+    connection = http.client.HTTPConnection("127.0.0.1", process.port, timeout=30)
+    connection.request(
+        "GET",
+        object_path("a.txt") + f"?fields={fields}",
+        headers={"Authorization": f"Bearer {token}"},
+    )
+    response = connection.getresponse()
+    document = json.loads(response.read())
+    connection.close()
+    assert response.status == 200
+    assert "acl" not in document and "owner" not in document
+    links = [document[k] for k in ("selfLink", "mediaLink") if k in document]
+    assert links and all(link.startswith(process.url + "/") for link in links), links
+    assert document["mediaLink"] == (
+        f"{process.url}/download/storage/v1/b/{BUCKET}/o/alice%2Fa.txt"
+        + ("?generation=1&alt=media" if "generation" in document else "?alt=media")
+    )

@@ -166,6 +166,8 @@ def _patch(blob: storage.Blob) -> None:
 
 def test_deny_rule_beats_allow(alice, fake_gcs: FakeGcs):
     fake_gcs.put_object(BUCKET, "alice/private/diary.txt", b"secret")
+    for name in ("alice/visible-1.txt", "alice/visible-2.txt"):  # pages, whatever ran before
+        fake_gcs.put_object(BUCKET, name, b"v")
     with pytest.raises(exceptions.Forbidden) as caught:
         alice.blob("alice/private/diary.txt").download_as_bytes()
     assert (

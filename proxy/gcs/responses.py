@@ -11,14 +11,20 @@ from proxy.gcs.rawurl import encode_segment
 KeepName = Callable[[str], bool]
 
 
-def object_links(resource: dict[str, Any], origin: str) -> None:
-    """Point selfLink/mediaLink at the proxy, built from the resource's own bucket and name.
-    `acl` and `owner` go: every object answer was asked for without them (the proxy sends
-    `projection=noAcl` or no projection at all), and an upstream that sends them anyway
-    (fake-gcs-server does) must not show a caller without `admin` who holds the object."""
+def object_links(
+    resource: dict[str, Any], origin: str, bucket: str | None = None, name: str | None = None
+) -> None:
+    """Point selfLink/mediaLink at the proxy, built from the resource's own bucket and name,
+    else from the `bucket` and `name` the operation acted on (a caller's `fields` may leave
+    them out). `acl` and `owner` go: every object answer was asked for without them (the
+    proxy sends `projection=noAcl` or no projection at all; compose has none), and an
+    upstream that sends them anyway (fake-gcs-server does) must not show a caller without
+    `admin` who holds the object."""
     resource.pop("acl", None)
     resource.pop("owner", None)
-    bucket, name = resource.get("bucket"), resource.get("name")
+    own_bucket, own_name = resource.get("bucket"), resource.get("name")
+    bucket = own_bucket if isinstance(own_bucket, str) else bucket
+    name = own_name if isinstance(own_name, str) else name
     if not isinstance(bucket, str) or not isinstance(name, str):
         resource.pop("selfLink", None)
         resource.pop("mediaLink", None)
@@ -34,12 +40,6 @@ def object_links(resource: dict[str, Any], origin: str) -> None:
             else "?alt=media"
         )
         resource["mediaLink"] = f"{origin}/download/storage/v1{path}{query}"
-
-
-def reshape_object(body: Any, origin: str) -> Any:
-    if isinstance(body, dict) and body.get("kind") == "storage#object":
-        object_links(body, origin)
-    return body
 
 
 def reshape_list(body: Any, origin: str, keep: KeepName) -> Any:
@@ -76,13 +76,17 @@ def reshape_acl(body: Any, origin: str) -> Any:
     return body
 
 
-def reshape(kind: Kind, body: Any, origin: str, keep: KeepName) -> Any:
-    """The caller's view of a JSON answer: every link through the proxy, lists filtered."""
+def reshape(
+    kind: Kind, body: Any, origin: str, keep: KeepName, bucket: str, name: str | None
+) -> Any:
+    """The caller's view of a JSON answer: every link through the proxy, lists filtered.
+    An object answer is one by the operation, not by its `kind`: a caller's `fields` can
+    leave that out (a review: `fields=selfLink,mediaLink` kept upstream's links)."""
     if kind is Kind.LIST:
         return reshape_list(body, origin, keep)
     if kind is Kind.ACL:
         return reshape_acl(body, origin)
-    if kind is Kind.REWRITE and isinstance(body, dict):
-        reshape_object(body.get("resource"), origin)
-        return body
-    return reshape_object(body, origin)
+    resource = body.get("resource") if kind is Kind.REWRITE and isinstance(body, dict) else body
+    if isinstance(resource, dict):
+        object_links(resource, origin, bucket, name)
+    return body

@@ -8,6 +8,7 @@ from proxy.policy.evaluate import (
     compile_policy,
     evaluate,
     evaluate_all,
+    granting_prefixes,
     may_be_granted,
 )
 from proxy.policy.load import PolicyError, load_policy, parse_policy
@@ -29,6 +30,7 @@ __all__ = [
     "compile_policy",
     "evaluate",
     "evaluate_all",
+    "granting_prefixes",
     "load_policy",
     "may_be_granted",
     "parse_policy",

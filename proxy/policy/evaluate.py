@@ -244,6 +244,16 @@ def _unproven(rule: Rule, identity: Identity) -> str:
     return f"denied by rule {rule.id!r}: the email is in its domain, and the token names no such hd"
 
 
+def granting_prefixes(rule: Rule, identity: Identity, path: str) -> list[str]:
+    """The prefixes of `rule`, filled in for `identity`, that `path` lies under."""
+    found = []
+    for prefix in rule.prefixes:
+        expanded = expand_template(prefix, identity)
+        if expanded is not None and path.startswith(expanded):
+            found.append(expanded)
+    return found
+
+
 def may_be_granted(index: PolicyIndex, identity: Identity, verb: Verb, bucket: str) -> bool:
     """Whether any allow rule could grant `verb` on some object of `bucket` to `identity`:
     False means every object there is refused, whatever its name turns out to be."""
