@@ -172,6 +172,8 @@ def _identity_fields(identity: Identity) -> dict[str, str]:
     fields = {"issuer": identity.issuer, "subject": identity.subject}
     if identity.email:
         fields["email"] = identity.email
+    if identity.hosted_domain:  # a Google token's domain: principal
+        fields["hd"] = identity.hosted_domain
     return fields
 
 

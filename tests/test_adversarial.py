@@ -772,7 +772,14 @@ def test_a_deny_by_email_or_domain_holds_for_tokens_that_leave_it_out(
             * 3
         ), reasons
         as_google = {"iss": google}
-        assert read("staff%2Fplan.txt", email=ALICE, hd="example.com", **as_google) == 200
+        assert read("staff%2Fplan.txt", email=ALICE, hd="Example.com", **as_google) == 200
+        staff = sidecar.audit_records(f"gs://{BUCKET}/staff/plan.txt")
+        assert staff[0]["audit"]["identity"] == {
+            "issuer": google,
+            "subject": "m-1",
+            "email": ALICE,
+            "hd": "example.com",
+        }
         assert read("staff%2Fplan.txt", email=ALICE, **as_google) == 403  # a personal account
         assert read("staff%2Fplan.txt", email=ALICE, hd="evil.org", **as_google) == 403
         assert read("staff%2Fplan.txt", email=ALICE, hd="example.com") == 200  # `hd` ignored

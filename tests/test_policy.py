@@ -183,7 +183,9 @@ def test_a_deny_by_email_is_not_escaped_by_a_token_without_one(tmp_path, where, 
     assert decide(index, someone, "read", f"gs://bkt/{where}").rule_id == "everyone"
     assert decide(index, Identity(issuer, "7"), "read", "gs://bkt/elsewhere").allowed
     # Allows are not widened: the subject still writes only its own folder.
-    assert decide(index, Identity(issuer, "7"), "write", "gs://bkt/m/own/x").allowed == (issuer == DEV)
+    assert decide(index, Identity(issuer, "7"), "write", "gs://bkt/m/own/x").allowed == (
+        issuer == DEV
+    )
 
 
 def test_google_domains_are_the_hd_claim(tmp_path):
