@@ -18,6 +18,9 @@ from proxy.policy.model import GOOGLE_ISSUER, Identity, Issuer
 
 MAX_TOKEN_BYTES = 16 * 1024
 _CACHE_SIZE = 4096
+# A verified token is remembered until its `exp`, and never longer than this: an issuer's
+# `exp` years ahead (it signed it) must not outlive a key it has since withdrawn for long.
+CACHE_SECONDS = 300.0
 # Google signs ID tokens with either spelling of its issuer.
 _ISSUER_ALIASES = {GOOGLE_ISSUER: (GOOGLE_ISSUER, "accounts.google.com")}
 _REQUIRED_CLAIMS = ["exp", "iat", "iss", "aud", "sub"]
@@ -105,7 +108,7 @@ class JwtVerifier:
         if cached is not None and cached[1] > time.time():
             return cached[0]
         identity, expiry = await self._verify(presented)
-        self._remember(cache_key, identity, expiry)
+        self._remember(cache_key, identity, min(expiry, time.time() + CACHE_SECONDS))
         return identity
 
     def _remember(self, key: bytes, identity: Identity, expiry: float) -> None:

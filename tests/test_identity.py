@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
 
 import aiohttp
 import pytest
 
+from proxy import identity as identity_module
 from proxy.devserver.issuer import DevIssuer, start_issuer
 from proxy.errors import Unauthenticated
 from proxy.identity import JwtVerifier
@@ -211,3 +213,28 @@ async def test_verified_tokens_are_cached_until_expiry(issuer, session):
     time.sleep(2.1)  # noqa: ASYNC251 - the token must really expire
     error = await refused(verifier, bearer(token))
     assert "expired" in error.message
+
+
+async def test_a_token_far_from_expiry_is_verified_again_after_the_cache_limit(
+    issuer, session, monkeypatch
+):
+    """A review: `exp` years ahead kept a verified identity cached that long, past any
+    key the issuer withdrew since. Remembered for CACHE_SECONDS at most."""
+    verifier = verifier_for(issuer, session, jwks_uri=issuer.issuer_url + "/jwks")
+    token = issuer.mint(audience=AUD, subject="s", lifetime=10 * 365 * 86400)
+    await verifier.verify(bearer(token))
+    (remembered,) = verifier._cache.values()
+    assert remembered[1] <= time.time() + identity_module.CACHE_SECONDS
+    monkeypatch.setattr(identity_module.time, "time", lambda: remembered[1] + 1)
+    verifications = 0
+    decode = identity_module._decode
+
+    def counted(*args, **kwargs):  # type: ignore[no-untyped-def]
+        nonlocal verifications
+        verifications += 1
+        return decode(*args, **kwargs)
+
+    monkeypatch.setattr(identity_module, "_decode", counted)
+    with contextlib.suppress(Unauthenticated):  # the clock moved on: `iat` ahead is fine
+        await verifier.verify(bearer(token))
+    assert verifications == 1  # the signature was checked again, not taken from the cache
