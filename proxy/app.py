@@ -309,8 +309,9 @@ def _granted_region(identity: Identity, decision: Decision) -> Access:
     for (a prefix ending in `/`), else under the whole prefix of the rule that allowed it.
     A refusal that depended on any prefix asked for would let a caller grow it a letter at
     a time and spell out a hidden folder from 403s (a review did, in 342 requests, with
-    nothing stored there); a folder tells only that something under it is hidden, as the
-    folder itself does when listed, and only to a caller who names it whole."""
+    nothing stored there). A folder named whole still tells whether something under it
+    is hidden: a guessed name is confirmed (as listing it is, where the deny covers
+    `list`), never spelled out."""
     access = decision.access
     if access.path.endswith("/") or not access.path or decision.rule is None:
         return access

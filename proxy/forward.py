@@ -184,9 +184,7 @@ class Forwarder:
             document = json.loads(raw) if raw else {}
         except ValueError as exc:
             raise UpstreamError("Cloud Storage sent a malformed response") from exc
-        document = reshape(
-            operation.kind, document, origin, plan.keep, operation.bucket, operation.object
-        )
+        document = reshape(document, origin, plan.keep, operation)
         if plan.page_token is not None and isinstance(document, dict):
             following = document.pop("nextPageToken", None)
             if isinstance(following, str) and following:
@@ -271,10 +269,15 @@ async def _refusal_reason(upstream: Response) -> str:
         if len(raw) > MAX_JSON_RESPONSE:
             return "forbidden"
     try:
-        reason = json.loads(raw)["error"]["errors"][0]["reason"]
-    except (ValueError, LookupError, TypeError):
+        document = json.loads(raw)
+    except ValueError:  # the XML API's answer: its Code, never text found elsewhere
         code = _XML_CODE.search(raw)
         reason = code.group(1).decode() if code else None
+    else:
+        try:
+            reason = document["error"]["errors"][0]["reason"]
+        except (LookupError, TypeError):
+            reason = None
     return reason if isinstance(reason, str) and _REASON.fullmatch(reason) else "forbidden"
 
 

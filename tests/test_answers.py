@@ -47,7 +47,12 @@ class Scripted:
             "name": "alice/a.txt",
             "selfLink": f"https://storage.googleapis.com/storage/v1/b/{BUCKET}/o/alice%2Fa.txt",
         }
-        if "forbidden" in path:  # Cloud Storage's own 403, in its own words
+        if "inject" in path:  # a 403 without a reason, quoting XML in its message
+            answer = web.Response(
+                status=403,
+                body=b'{"error": {"code": 403, "errors": [], "message": "<Code>Smuggled</Code>"}}',
+            )
+        elif "forbidden" in path:  # Cloud Storage's own 403, in its own words
             reason = "retentionPolicyNotMet" if "retention" in path else "forbidden"
             message = (
                 f"{SIDECAR_ACCOUNT} does not have storage.objects.get access to the Google "
@@ -80,6 +85,10 @@ class Scripted:
                 "acl": [{"entity": "user-bob@example.com", "role": "OWNER"}],
                 "owner": {"entity": "user-bob@example.com"},
             }
+            if "generation" in request.query:
+                full["mediaLink"] = full["mediaLink"].replace(
+                    "generation=1", f"generation={request.query['generation']}"
+                )
             wanted = request.query["fields"].split(",")
             answer = web.Response(
                 body=json.dumps({k: full[k] for k in wanted if k in full}).encode()
@@ -255,6 +264,7 @@ def test_json_answers_are_asked_for_uncompressed_media_keeps_the_callers_choice(
         (f"/download/storage/v1/b/{BUCKET}/o/alice%2Fforbidden.txt?alt=media", "forbidden"),
         (object_path("retention-forbidden.txt"), "retentionPolicyNotMet"),
         (f"/{BUCKET}/alice/forbidden.txt", "AccessDenied"),
+        (object_path("inject.txt"), "forbidden"),  # a JSON answer's text is never a reason
     ],
 )
 def test_a_403_from_cloud_storage_keeps_its_reason_not_its_words(
@@ -304,3 +314,22 @@ def test_fields_without_kind_still_get_links_through_the_sidecar_and_no_acl(
         f"{process.url}/download/storage/v1/b/{BUCKET}/o/alice%2Fa.txt"
         + ("?generation=1&alt=media" if "generation" in document else "?alt=media")
     )
+
+
+def test_a_rebuilt_media_link_keeps_the_generation_asked_for(
+    scripted: tuple[ProxyProcess, Scripted, str, DevMetadataServer],
+) -> None:
+    """A review: with `fields=mediaLink` (no `generation` in the answer) the link was
+    rebuilt without one, and downloaded the live object instead of generation 5."""
+    process, _, token, _ = scripted
+    connection = http.client.HTTPConnection("127.0.0.1", process.port, timeout=30)
+    target = object_path("v.txt") + "?generation=5&fields=mediaLink"
+    connection.request("GET", target, headers={"Authorization": f"Bearer {token}"})
+    response = connection.getresponse()
+    document = json.loads(response.read())
+    connection.close()
+    assert response.status == 200
+    assert document == {  # built from the object asked for: the answer names none
+        "mediaLink": f"{process.url}/download/storage/v1/b/{BUCKET}/o/alice%2Fv.txt"
+        "?generation=5&alt=media"
+    }

@@ -188,6 +188,72 @@ def test_a_deny_by_email_is_not_escaped_by_a_token_without_one(tmp_path, where, 
     )
 
 
+def test_a_templated_deny_covers_callers_without_the_value(tmp_path):
+    """A review: a deny on `home/${email}/private/` (or `teams/${domain}/budget/`) could
+    not be filled in for a caller without an email (or a Google account without `hd`),
+    so it never matched them. An unfilled template in a deny matches any value; in an
+    allow, none."""
+    path = write(
+        tmp_path,
+        f"""
+        version: 1
+        issuers: [{{issuer: "{GOOGLE}", audiences: [a]}}, {{issuer: "{DEV}", audiences: [a]}}]
+        rules:
+          - {{id: everyone, principals: [allAuthenticatedUsers], bucket: bkt, prefixes: [""], verbs: [read, list]}}
+          - {{id: not-private, effect: deny, principals: ["user:bob@example.com"], bucket: bkt, prefixes: ["home/${{email}}/private/"], verbs: ["*"]}}
+          - {{id: not-budget, effect: deny, principals: ["domain:contractor.com"], bucket: bkt, prefixes: ["teams/${{domain}}/budget/"], verbs: ["*"]}}
+          - {{id: own-notes, principals: [allAuthenticatedUsers], bucket: bkt, prefixes: ["notes/${{email}}/"], verbs: [write]}}
+        """,
+    )
+    index = compile_policy(load_policy(path))
+    bob = Identity.of(DEV, "bob", {"email": "bob@example.com"})
+    nameless = [
+        Identity.of(DEV, "bob", {}),
+        Identity.of(DEV, "bob", {"email": "bob@example.com", "email_verified": False}),
+    ]
+    for caller in (bob, *nameless):
+        denied = decide(index, caller, "read", "gs://bkt/home/bob@example.com/private/pay.txt")
+        assert denied.rule_id == "not-private", caller
+        assert carved_out(index, caller, Access(Verb.LIST, "bkt", "home/"))
+    for caller in nameless:
+        assert decide(index, caller, "read", "gs://bkt/home/bob@example.com/notes.txt").allowed
+        assert not decide(index, caller, "write", "gs://bkt/notes/x/y").allowed  # allows: none
+    eve = Identity.of(GOOGLE, "2", {"email": "eve@contractor.com"})  # no `hd`
+    assert decide(index, eve, "read", "gs://bkt/teams/contractor.com/budget/q1.csv").rule_id == (
+        "not-budget"
+    )
+
+
+def test_non_ascii_capitals_in_a_deny_still_match(tmp_path):
+    """A review: folding ASCII only let `deny user:JÖRG@...` miss `jörg@...`. Emails
+    lower as before; what lowers into ASCII from outside it (the Kelvin sign) is refused
+    instead, in a token (no email) and in a policy (an error)."""
+    path = write(
+        tmp_path,
+        f"""
+        version: 1
+        issuers: [{{issuer: "{DEV}", audiences: [a]}}]
+        rules:
+          - {{id: everyone, principals: [allAuthenticatedUsers], bucket: bkt, prefixes: [""], verbs: [read]}}
+          - {{id: not-jorg, effect: deny, principals: ["user:JÖRG@example.com"], bucket: bkt, prefixes: ["p/"], verbs: [read]}}
+        """,
+    )
+    index = compile_policy(load_policy(path))
+    jorg = Identity.of(DEV, "1", {"email": "jörg@example.com"})
+    assert decide(index, jorg, "read", "gs://bkt/p/x").rule_id == "not-jorg"
+    kelvin = write(
+        tmp_path,
+        f"""
+        version: 1
+        issuers: [{{issuer: "{DEV}", audiences: [a]}}]
+        rules:
+          - {{id: r, principals: ["user:\u212aate@example.com"], bucket: bkt, prefixes: [""], verbs: [read]}}
+        """,
+        name="kelvin.yaml",
+    )
+    assert len(errors_of(kelvin)) == 1
+
+
 def test_google_domains_are_the_hd_claim(tmp_path):
     """A `domain:` principal of a Google token is its `hd` (the Workspace domain), as in
     IAM: anyone may register a Google account with a work address (and keep it after
@@ -209,6 +275,12 @@ def test_google_domains_are_the_hd_claim(tmp_path):
     elsewhere = Identity.of(GOOGLE, "3", {"email": "ann@example.com", "hd": "other.org"})
     other_issuer = Identity.of(DEV, "4", {"email": "ann@example.com", "hd": "other.org"})
     assert member.domain == "example.com" and personal.domain is None
+    # `hd` counts with a vouched email only, as every domain: does.
+    for claims in (
+        {"hd": "example.com"},
+        {"email": "a@example.com", "email_verified": False, "hd": "example.com"},
+    ):
+        assert Identity.of(GOOGLE, "9", claims).domain is None
     assert other_issuer.domain == "example.com"  # `hd` is Google's claim only
     assert decide(index, member, "read", "gs://bkt/staff/x").allowed
     assert decide(index, other_issuer, "read", "gs://bkt/staff/x").allowed
@@ -227,10 +299,11 @@ def test_google_domains_are_the_hd_claim(tmp_path):
         ("ann@", None),
         ("a@evil.org@example.com", None),
         ("Ann@Example.COM", "ann@example.com"),
-        ("\u212aate@example.com", "\u212aate@example.com"),  # Kelvin sign: not kate's
+        ("JÖRG@example.com", "jörg@example.com"),
+        ("\u212aate@example.com", None),  # the Kelvin sign lowers into kate's `k`
     ],
 )
-def test_an_email_claim_counts_only_well_formed_and_ascii_folded(claimed, email):
+def test_an_email_claim_counts_only_well_formed_and_lowered(claimed, email):
     identity = Identity.of(DEV, "1", {"email": claimed})
     assert identity.email == email
     if email is None:

@@ -346,6 +346,41 @@ def test_who_can_lists_denied_members_of_a_wider_grant(capsys, tmp_path):
     )
 
 
+def test_everyone_and_subjects_are_not_taken_for_callers_without_an_email(capsys, tmp_path):
+    """A review: with a deny naming one user, diff and who-can asked about everyone and
+    about subjects with an identity that has no email, which such a deny now covers: a
+    new grant to everyone showed as 'no change in access'. They stand for callers with
+    an email no rule names."""
+    no_bob = "  - {id: no-bob, effect: deny, principals: [user:bob@example.com], bucket: bkt, prefixes: [pub/], verbs: ['*']}\n"
+    more = (
+        "  - {id: all, principals: [allAuthenticatedUsers], bucket: bkt, prefixes: [pub/], verbs: [read]}\n"
+        "  - {id: svc, principals: ['subject:https://accounts.google.com#svc'], bucket: bkt, prefixes: [pub/], verbs: [write]}\n"
+    )
+    old = tmp_path / "old.yaml"
+    old.write_text("version: 1\n" + ISSUERS + "rules:\n" + no_bob)
+    new = tmp_path / "new.yaml"
+    new.write_text("version: 1\n" + ISSUERS + "rules:\n" + no_bob + more)
+    code, data = run_json(capsys, "diff", str(old), str(new))
+    assert code == 1
+    assert data["granted"] == [
+        {"principal": "allAuthenticatedUsers", "verb": "read", "bucket": "bkt", "prefix": "pub/"},
+        {
+            "principal": "subject:https://accounts.google.com#svc",
+            "verb": "write",
+            "bucket": "bkt",
+            "prefix": "pub/",
+        },
+    ]
+    base = ["who-can", "--policy", str(new)]
+    assert run_json(capsys, *base, "read", "gs://bkt/pub/x")[1] == {
+        "principals": ["allAuthenticatedUsers"],
+        "except": ["user:bob@example.com"],
+    }
+    assert run_json(capsys, *base, "write", "gs://bkt/pub/x")[1]["principals"] == [
+        "subject:https://accounts.google.com#svc"
+    ]
+
+
 def test_who_can_finds_holders_singled_out_by_a_template(capsys, tmp_path):
     """A review: who-can answered nobody for `subs/1234/` of a `domain:` rule's
     `subs/${sub}/`, and for a `subject:` rule's `sh/${email}/`, where the sidecar and

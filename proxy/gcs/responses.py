@@ -5,26 +5,28 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from proxy.gcs.operation import Kind
+from proxy.gcs.operation import Kind, Operation
 from proxy.gcs.rawurl import encode_segment
 
 KeepName = Callable[[str], bool]
 
 
-def object_links(
-    resource: dict[str, Any], origin: str, bucket: str | None = None, name: str | None = None
-) -> None:
-    """Point selfLink/mediaLink at the proxy, built from the resource's own bucket and name,
-    else from the `bucket` and `name` the operation acted on (a caller's `fields` may leave
-    them out). `acl` and `owner` go: every object answer was asked for without them (the
-    proxy sends `projection=noAcl` or no projection at all; compose has none), and an
-    upstream that sends them anyway (fake-gcs-server does) must not show a caller without
-    `admin` who holds the object."""
+def object_links(resource: dict[str, Any], origin: str, acted_on: Operation | None = None) -> None:
+    """Point selfLink/mediaLink at the proxy, built from the resource's own bucket, name and
+    generation, else from those the operation acted on (a caller's `fields` may leave them
+    out). `acl` and `owner` go: every object answer was asked for without them (the proxy
+    sends `projection=noAcl` or no projection at all; compose has none), and an upstream
+    that sends them anyway (fake-gcs-server does) must not show a caller without `admin`
+    who holds the object."""
     resource.pop("acl", None)
     resource.pop("owner", None)
-    own_bucket, own_name = resource.get("bucket"), resource.get("name")
-    bucket = own_bucket if isinstance(own_bucket, str) else bucket
-    name = own_name if isinstance(own_name, str) else name
+    bucket, name = resource.get("bucket"), resource.get("name")
+    generation = resource.get("generation")
+    if acted_on is not None:
+        bucket = bucket if isinstance(bucket, str) else acted_on.bucket
+        name = name if isinstance(name, str) else acted_on.object
+        if generation is None and acted_on.kind is Kind.GET:  # the one it asked for
+            generation = acted_on.param("generation")
     if not isinstance(bucket, str) or not isinstance(name, str):
         resource.pop("selfLink", None)
         resource.pop("mediaLink", None)
@@ -33,7 +35,6 @@ def object_links(
     if "selfLink" in resource:
         resource["selfLink"] = f"{origin}/storage/v1{path}"
     if "mediaLink" in resource:
-        generation = resource.get("generation")
         query = (
             f"?generation={encode_segment(str(generation))}&alt=media"
             if generation
@@ -76,17 +77,16 @@ def reshape_acl(body: Any, origin: str) -> Any:
     return body
 
 
-def reshape(
-    kind: Kind, body: Any, origin: str, keep: KeepName, bucket: str, name: str | None
-) -> Any:
+def reshape(body: Any, origin: str, keep: KeepName, operation: Operation) -> Any:
     """The caller's view of a JSON answer: every link through the proxy, lists filtered.
     An object answer is one by the operation, not by its `kind`: a caller's `fields` can
     leave that out (a review: `fields=selfLink,mediaLink` kept upstream's links)."""
+    kind = operation.kind
     if kind is Kind.LIST:
         return reshape_list(body, origin, keep)
     if kind is Kind.ACL:
         return reshape_acl(body, origin)
     resource = body.get("resource") if kind is Kind.REWRITE and isinstance(body, dict) else body
     if isinstance(resource, dict):
-        object_links(resource, origin, bucket, name)
+        object_links(resource, origin, operation)
     return body

@@ -99,6 +99,8 @@ class _PrefixTable:
     static: dict[str, _Slot] = field(default_factory=lambda: defaultdict(_Slot))
     templates: dict[str, dict[str, _Slot]] = field(default_factory=lambda: defaultdict(dict))
     lengths: list[int] = field(default_factory=list)
+    # Per template: the pattern of every path under it, and its deny rules alone.
+    _unfilled: dict[str, tuple[re.Pattern[str], _Slot]] = field(default_factory=dict)
 
     def add(self, entry: _Entry, prefix: str) -> None:
         if _TEMPLATE_START in prefix:
@@ -118,14 +120,17 @@ class _PrefixTable:
         return any(verb in slot.allow for slot in (*self.static.values(), *templated))
 
     def denies_under(self, identity: Identity, verb: Verb, path: str) -> bool:
-        """Whether a deny for `verb` covers some prefix at or below `path` (a carve-out)."""
+        """Whether a deny for `verb` covers some prefix at or below `path` (a carve-out).
+        A template the identity cannot fill in counts wherever it could lie."""
         for prefix, slot in self.static.items():
             if verb in slot.deny and prefix.startswith(path):
                 return True
-        for templated in self.templates.values():
+        for head, templated in self.templates.items():
             for template, slot in templated.items():
                 if verb in slot.deny:
                     expanded = expand_template(template, identity)
+                    if expanded is None and (head.startswith(path) or path.startswith(head)):
+                        return True
                     if expanded is not None and expanded.startswith(path):
                         return True
         return False
@@ -152,9 +157,27 @@ class _PrefixTable:
                 found.append(slot)
             for template, templated in self.templates.get(head, {}).items():
                 expanded = expand_template(template, identity)
-                if expanded is not None and path.startswith(expanded):
-                    found.append(templated)
+                if expanded is not None:
+                    if path.startswith(expanded):
+                        found.append(templated)
+                elif templated.deny:
+                    # No value to fill in (no email, no `hd`, an unsafe one): its allows
+                    # never match, its denies match any value. A deny on `home/${email}/x/`
+                    # is not escaped by a token without an email.
+                    pattern, denies = self._unfilled_slot(template, templated)
+                    if pattern.match(path):
+                        found.append(denies)
         return found
+
+    def _unfilled_slot(self, template: str, slot: _Slot) -> tuple[re.Pattern[str], _Slot]:
+        unfilled = self._unfilled.get(template)
+        if unfilled is None:
+            parts = _TEMPLATE_VARIABLE.split(template)
+            pattern = "".join(
+                re.escape(part) if i % 2 == 0 else "[^/]+" for i, part in enumerate(parts)
+            )
+            unfilled = self._unfilled[template] = (re.compile(pattern), _Slot(deny=slot.deny))
+        return unfilled
 
 
 @dataclass(frozen=True)

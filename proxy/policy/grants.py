@@ -24,6 +24,7 @@ from proxy.policy.model import ALL_VERBS, TEMPLATE_VARIABLES, Identity, Policy, 
 ANY_ISSUER = "urn:gcs-iap-proxy:any-issuer"
 ANY_SUBJECT = "any-subject"
 _ANYONE = "anyone"
+_NOWHERE = "nowhere.invalid"  # a reserved name (RFC 2606): no caller's real domain
 _TEMPLATE = re.compile(r"\$\{([a-z]+)\}")
 
 
@@ -50,9 +51,20 @@ class Representatives:
     the policies mention, so evaluating it tells what every holder of the principal may do."""
 
     def __init__(self, named: Iterable[str]) -> None:
+        named = set(named)
         self._emails = {
             p.partition(":")[2] for p in named if p.startswith(("user:", "serviceAccount:"))
         }
+        domains = {p.partition(":")[2] for p in named if p.startswith("domain:")}
+        domains |= {email.rpartition("@")[2] for email in self._emails}
+        nowhere, n = _NOWHERE, 0
+        while nowhere in domains:
+            n += 1
+            nowhere = f"{n}.{_NOWHERE}"
+        # Everyone, and a subject, stand for callers with an email no rule names: a caller
+        # whose token vouches for none is denied more (deny rules by email cover it), so
+        # it is not what they may do at most.
+        self._nobody_named = f"{_ANYONE}@{nowhere}"
 
     def identity(self, principal: str) -> Identity | None:
         """None for a principal no caller can hold (`user:` with a service account's email)."""
@@ -64,8 +76,8 @@ class Representatives:
             return Identity(ANY_ISSUER, ANY_SUBJECT, self.member(rest))
         if kind == "subject":
             issuer, _, subject = rest.partition("#")
-            return Identity(issuer, subject)
-        return Identity(ANY_ISSUER, ANY_SUBJECT)
+            return Identity(issuer, subject, self._nobody_named)
+        return Identity(ANY_ISSUER, ANY_SUBJECT, self._nobody_named)
 
     def variants(
         self, principal: str, emails: Iterable[str], subjects: Iterable[str]

@@ -27,6 +27,7 @@ from proxy.policy.model import (
     Rule,
     Source,
     Verb,
+    lowers_into_ascii,
 )
 
 # libyaml's parser when PyYAML has it (its wheels do): the same nodes, lines and columns,
@@ -386,8 +387,8 @@ class _Builder:
     def principal(self, value: str, node: Node) -> bool:
         kind, _, rest = value.partition(":")
         valid = {
-            "user": lambda: bool(_EMAIL.match(rest)),
-            "serviceAccount": lambda: bool(_EMAIL.match(rest)),
+            "user": lambda: bool(_EMAIL.match(rest)) and not lowers_into_ascii(rest),
+            "serviceAccount": lambda: bool(_EMAIL.match(rest)) and not lowers_into_ascii(rest),
             "domain": lambda: bool(_DOMAIN.match(rest)),
             "group": lambda: bool(rest),
             "subject": lambda: "#" in rest and all(rest.partition("#")[::2]),

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import enum
-import string
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -103,19 +102,22 @@ def email_vouched(claims: Mapping[str, object]) -> bool:
     return verified is True or (isinstance(verified, str) and verified.lower() == "true")
 
 
-_ASCII_LOWER = str.maketrans(string.ascii_uppercase, string.ascii_lowercase)
-
-
 def fold(text: str) -> str:
-    """ASCII letters lowered, nothing else (str.lower() makes the Kelvin sign a `k`: a
-    token's `\u212aate@` would be kate's)."""
-    return text.translate(_ASCII_LOWER)
+    """Emails and domains as principals compare them: lower case."""
+    return text.lower()
+
+
+def lowers_into_ascii(text: str) -> bool:
+    """Whether a character outside ASCII lowers into ASCII (the Kelvin sign into `k`): an
+    email holding one would be taken for another person's."""
+    return not text.isascii() and any(not c.isascii() and c.lower().isascii() for c in text)
 
 
 def usable_email(value: object) -> str | None:
     """A claimed email as principals compare it: one `@` between a local part and a
-    domain, folded; None for anything else (`example.com` alone would be that domain)."""
-    if not isinstance(value, str):
+    domain, lowered; None for anything else (`example.com` alone would be that domain,
+    `\u212aate@` would be kate's)."""
+    if not isinstance(value, str) or lowers_into_ascii(value):
         return None
     local, at, domain = value.partition("@")
     if not (at and local and domain) or "@" in domain:
@@ -186,6 +188,6 @@ class Identity:
         """The identity a token's verified claims name (the sidecar's and the policy
         tools' one reading): the email if vouched for and well formed, Google's `hd`."""
         email = usable_email(claims.get("email")) if email_vouched(claims) else None
-        hd = claims.get("hd")
-        hosted = isinstance(hd, str) and hd and issuer in HOSTED_DOMAIN_ISSUERS
+        hd = claims.get("hd")  # counted with a vouched email only, as every domain: is
+        hosted = email and isinstance(hd, str) and hd and issuer in HOSTED_DOMAIN_ISSUERS
         return cls(issuer, subject, email, fold(hd) if hosted and isinstance(hd, str) else None)
