@@ -233,8 +233,15 @@ def _listing(operation: Operation) -> str:
 
 
 def _in_session(operation: Operation, session: UploadSession) -> Operation:
-    access = Access(Verb.WRITE, session.bucket, session.object)
-    return replace(operation, object=session.object, accesses=(access,))
+    """A chunk, status query or cancel needs what the session was opened with, decided
+    again with the policy of now: `write`, and `delete` if it may replace an object,
+    `admin` if it carries an ACL, retention, hold or KMS key (a review saw a week-long
+    session keep both after a reload took them away)."""
+    verbs = [Verb.WRITE]
+    verbs += [Verb.DELETE] if session.replaces else []
+    verbs += [Verb.ADMIN] if session.privileged else []
+    accesses = tuple(Access(verb, session.bucket, session.object) for verb in verbs)
+    return replace(operation, object=session.object, accesses=accesses)
 
 
 def _refused_before_the_body(
@@ -350,9 +357,18 @@ def _plan(
         )
     if operation.kind is Kind.RESUMABLE_START:
         bucket, name = operation.bucket, operation.object or ""
+        # Create-only sent upstream: the session can never replace an object.
+        replaces = operation.param("ifGenerationMatch") != "0"
+        privileged = operation.privileged
         return ResponsePlan(
             mint_session=lambda upload_id: sealer.new(
-                identity.issuer, identity.subject, bucket, name, upload_id
+                identity.issuer,
+                identity.subject,
+                bucket,
+                name,
+                upload_id,
+                replaces=replaces,
+                privileged=privileged,
             )
         )
     if session is not None:

@@ -124,6 +124,14 @@ class Forwarder:
                     return self._session_started(origin, operation, upstream, plan.mint_session)
                 if reads_answer and upstream.status < 300:
                     return await self._json(origin, operation, upstream, plan, outcome)
+                if reads_answer and upstream.status == 308:
+                    # A resumable chunk taken, more to come: its Range says how far. Cloud
+                    # Storage sends no body; one that came (fake-gcs-server sends the object,
+                    # ACL and upstream links included) is not the sidecar's to relay.
+                    kept = response_headers(upstream.headers)
+                    for name in ("Content-Length", "Content-Type", "Content-Encoding"):
+                        kept.popall(name, None)
+                    return web.Response(status=308, headers=kept)
                 return await self._stream(request, upstream, outcome)
         except UpstreamTimeoutError as exc:
             raise UpstreamTimeout("Cloud Storage did not answer in time") from exc

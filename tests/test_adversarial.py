@@ -6,6 +6,7 @@ Where fake-gcs-server differs from real Cloud Storage it is said next to the cas
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import http.client
 import json
@@ -787,6 +788,45 @@ def test_a_deny_by_email_or_domain_holds_for_tokens_that_leave_it_out(
         sidecar.stop()
 
 
+@pytest.mark.parametrize("cut", ["short", "bad-framing"])
+def test_a_multipart_body_that_fails_after_its_closing_delimiter_stores_nothing(
+    proxy, seeded, tokens, cut
+):
+    """A review: a whole multipart body, then fewer bytes than Content-Length said (or
+    broken chunk framing), stored the object while the request failed (audited 499).
+    From its first delimiter the body waits until it has proved whole, as a gzip body's
+    always did."""
+    name = f"alice/cut-{cut}.bin"
+    body = (
+        b"--B\r\nContent-Type: application/json\r\n\r\n"
+        + json.dumps({"name": name}).encode()
+        + b"\r\n--B\r\nContent-Type: application/octet-stream\r\n\r\n"
+        + b"W" * 3000
+        + b"\r\n--B--\r\n"
+    )
+    framing = (
+        f"Content-Length: {len(body) + 100}\r\n\r\n".encode() + body
+        if cut == "short"
+        else b"Transfer-Encoding: chunked\r\n\r\n" + b"%x\r\n" % len(body) + body + b"\r\n"
+    )
+    head = (
+        f"POST /upload/storage/v1/b/{BUCKET}/o?uploadType=multipart HTTP/1.1\r\n"
+        f"Host: 127.0.0.1\r\nAuthorization: Bearer {tokens['alice']}\r\n"
+        "Content-Type: multipart/related; boundary=B\r\n"
+    ).encode()
+    with socket.create_connection(("127.0.0.1", proxy.port), timeout=10) as sock:
+        sock.sendall(head + framing)
+        time.sleep(0.5)  # the sidecar is streaming it upstream by now
+        if cut == "bad-framing":
+            sock.sendall(b"zz\r\nnot a chunk\r\n")
+        sock.shutdown(socket.SHUT_WR)
+        with contextlib.suppress(TimeoutError, ConnectionResetError):
+            while sock.recv(65536):
+                pass
+    time.sleep(0.5)
+    assert seeded.get_object(BUCKET, name) is None
+
+
 def test_a_copy_is_audited_as_the_write_of_its_destination_with_every_check(
     proxy, seeded, relay, tokens
 ):
@@ -1187,6 +1227,20 @@ def test_a_bodiless_gzip_status_query_goes_upstream_without_a_coding(proxy, seed
     assert reply.status in (200, 308), reply.body
     (seen,) = relay.seen
     assert "content-encoding" not in seen.headers
+
+
+def test_a_308_for_a_chunk_carries_no_upstream_body(proxy, seeded, relay, tokens):
+    """A review: a 308 was relayed as upstream sent it; fake-gcs-server's body holds the
+    object with its ACL and upstream links (Cloud Storage's has none). It goes empty."""
+    session = _start_session(proxy, tokens["alice"], "alice%2Fin-parts.bin")
+    first = b"p" * (256 * 1024)
+    reply = call(
+        proxy, "PUT", session, tokens["alice"], first,
+        {"Content-Range": f"bytes 0-{len(first) - 1}/*"},
+    )  # fmt: skip
+    assert reply.status == 308, reply.body
+    assert reply.body == b""
+    assert reply.headers["range"] == f"bytes=0-{len(first) - 1}"
 
 
 def _apitools_multipart(metadata: dict[str, object], data: bytes) -> tuple[bytes, str]:

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import textwrap
 import time
 
 import pytest
 
+from proxy.devserver.fakegcs import FakeGcsError
 from proxy.gcs.sessions import (
+    _AAD,
     SESSION_KEY_ENV,
     InvalidPageToken,
     InvalidSession,
@@ -20,11 +23,12 @@ from proxy.gcs.sessions import (
 from tests.support.proxyproc import ProxyProcess, isolated_env
 
 KEY = bytes(range(32))
+POWERS = {"replaces": False, "privileged": False}
 
 
 def test_round_trip_and_opacity():
     sealer = SessionSealer(KEY)
-    handle = sealer.new("https://issuer", "sub-1", "bkt", "dir/obj", "REAL-UPLOAD-ID-123")
+    handle = sealer.new("https://issuer", "sub-1", "bkt", "dir/obj", "REAL-UPLOAD-ID-123", **POWERS)
     session = sealer.open(handle)
     assert (session.subject, session.bucket, session.object, session.upload_id) == (
         "sub-1",
@@ -34,7 +38,19 @@ def test_round_trip_and_opacity():
     )
     assert "REAL-UPLOAD-ID" not in handle
     assert "dir/obj" not in handle
-    assert handle != sealer.new("https://issuer", "sub-1", "bkt", "dir/obj", "REAL-UPLOAD-ID-123")
+    assert handle != sealer.new(
+        "https://issuer", "sub-1", "bkt", "dir/obj", "REAL-UPLOAD-ID-123", **POWERS
+    )
+
+
+@pytest.mark.parametrize(("replaces", "privileged"), [(False, False), (True, False), (False, True)])
+def test_a_handle_carries_the_powers_its_session_was_opened_with(replaces, privileged):
+    sealer = SessionSealer(KEY)
+    handle = sealer.new("i", "s", "b", "o", "u", replaces=replaces, privileged=privileged)
+    assert (sealer.open(handle).replaces, sealer.open(handle).privileged) == (replaces, privileged)
+    # A handle sealed before sessions carried their powers is taken to have both.
+    older = sealer._seal(["i", "s", "b", "o", "u", int(time.time()) + 60], _AAD)
+    assert (sealer.open(older).replaces, sealer.open(older).privileged) == (True, True)
 
 
 @pytest.mark.parametrize(
@@ -49,13 +65,13 @@ def test_round_trip_and_opacity():
 )
 def test_tampered_handles(mutate):
     sealer = SessionSealer(KEY)
-    handle = sealer.new("i", "s", "b", "o", "u")
+    handle = sealer.new("i", "s", "b", "o", "u", **POWERS)
     with pytest.raises(InvalidSession):
         sealer.open(mutate(handle))
 
 
 def test_other_key_and_expiry():
-    handle = SessionSealer(KEY).new("i", "s", "b", "o", "u")
+    handle = SessionSealer(KEY).new("i", "s", "b", "o", "u", **POWERS)
     with pytest.raises(InvalidSession):
         SessionSealer(bytes(32)).open(handle)
     expired = SessionSealer(KEY).seal(UploadSession("i", "s", "b", "o", "u", int(time.time()) - 1))
@@ -85,7 +101,7 @@ def test_page_tokens_open_only_for_their_identity_bucket_and_listing():
 
 def test_page_tokens_and_upload_handles_are_not_interchangeable():
     sealer = SessionSealer(KEY)
-    upload = sealer.new("https://issuer", "alice", "bkt", "alice/x", "UPLOAD-ID")
+    upload = sealer.new("https://issuer", "alice", "bkt", "alice/x", "UPLOAD-ID", **POWERS)
     page = sealer.seal_page("https://issuer", "alice", "bkt", "", "alice/x")
     with pytest.raises(InvalidPageToken):
         sealer.open_page(upload, "https://issuer", "alice", "bkt", "")
@@ -101,7 +117,7 @@ def test_handles_hold_the_longest_names_they_are_given():
     the size limit, issued and then refused."""
     sealer = SessionSealer(KEY)
     name = "alice/" + "\N{GRINNING FACE}" * 254  # 1,022 UTF-8 bytes
-    handle = sealer.new("https://issuer", "alice", "bkt", name, "UPLOAD-" + "u" * 200)
+    handle = sealer.new("https://issuer", "alice", "bkt", name, "UPLOAD-" + "u" * 200, **POWERS)
     assert sealer.open(handle).object == name
     page = sealer.seal_page("https://issuer", "alice", "bkt", "prefix=alice/", name)
     assert sealer.open_page(page, "https://issuer", "alice", "bkt", "prefix=alice/") == name
@@ -162,6 +178,53 @@ def test_handles_work_across_processes_sharing_the_key(
 
 
 @pytest.mark.integration
+def test_a_session_keeps_only_the_powers_the_policy_still_grants(
+    tmp_path, dev_issuer, metadata_server, fake_gcs, relay
+):
+    """A review: a session opened by a caller with delete (so without create-only) went
+    on replacing the object after a reload took delete away, for up to the session's
+    week; one opened with an ACL went on after admin was taken away. Chunks need what
+    the session was opened with, decided with the policy of now. Here the policy of now
+    is a second sidecar's, sharing the session key."""
+    with contextlib.suppress(FakeGcsError):  # made by an earlier test
+        fake_gcs.create_bucket("sessions-bucket")
+    fake_gcs.put_object("sessions-bucket", "up/file.bin", b"original")
+
+    def sidecar(verbs: str) -> ProxyProcess:
+        policy = tmp_path / f"{verbs.replace(', ', '-')}.yaml"
+        policy.write_text(
+            f"version: 1\nissuers: [{{issuer: '{dev_issuer.issuer_url}', audiences: [sessions]}}]\n"
+            f"rules:\n  - {{id: w, principals: ['user:w@example.com'], bucket: sessions-bucket, prefixes: [up/], verbs: [{verbs}]}}\n"
+        )
+        shared = {SESSION_KEY_ENV: encode_key(KEY)}
+        return ProxyProcess(policy, relay.url, isolated_env(tmp_path, metadata_server[1], **shared))
+
+    everything, write_delete, write_only = (
+        sidecar("write, delete, admin"),
+        sidecar("write, delete"),
+        sidecar("write"),
+    )
+    try:
+        for process in (everything, write_delete, write_only):
+            process.wait_ready()
+        token = dev_issuer.mint(audience="sessions", subject="w", email="w@example.com")
+        replacing = _start(everything, token)
+        created = _start(write_only, token)  # create-only upstream: never replaces
+        acl = _start(everything, token, "&predefinedAcl=publicRead")
+        relay.clear()
+        assert _put(write_only, replacing, token, b"gone").status == 403
+        assert _put(write_delete, acl, token, b"public").status == 403
+        assert relay.seen == []
+        assert fake_gcs.get_object("sessions-bucket", "up/file.bin") == b"original"
+        assert _put(write_only, created, token, b"new").status in (200, 412)
+        assert _put(write_delete, replacing, token, b"replaced").status == 200
+        assert fake_gcs.get_object("sessions-bucket", "up/file.bin") == b"replaced"
+    finally:
+        for process in (everything, write_delete, write_only):
+            process.stop()
+
+
+@pytest.mark.integration
 def test_invalid_session_key_is_a_usage_error(tmp_path, metadata_server, relay):
     policy = tmp_path / "policy.yaml"
     policy.write_text("version: 1\nissuers: [{issuer: 'http://127.0.0.1:1', audiences: [a]}]\n")
@@ -173,11 +236,11 @@ def test_invalid_session_key_is_a_usage_error(tmp_path, metadata_server, relay):
     process.stop()
 
 
-def _start(process: ProxyProcess, token: str) -> str:
+def _start(process: ProxyProcess, token: str, more: str = "") -> str:
     connection = http.client.HTTPConnection("127.0.0.1", process.port, timeout=30)
     connection.request(
         "POST",
-        "/upload/storage/v1/b/sessions-bucket/o?uploadType=resumable&name=up%2Ffile.bin",
+        "/upload/storage/v1/b/sessions-bucket/o?uploadType=resumable&name=up%2Ffile.bin" + more,
         body=b"{}",
         headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"},
     )

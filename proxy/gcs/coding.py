@@ -108,8 +108,8 @@ async def held_from(
 
     The marker is a multipart body's delimiter: Cloud Storage may store the object as soon
     as it reads the closing one, wherever it lies (an epilogue may follow it). Held, it goes
-    upstream only once the whole gzip body has proved whole, so a damaged body stores
-    nothing: the upstream request is cut before its end. `before` is what preceded `chunks`
+    upstream only once the whole body (decompressed or as sent) has proved whole, so a
+    damaged body stores nothing: the upstream request is cut before its end. `before` is what preceded `chunks`
     (already sent, not yielded again): a marker may begin in it.
     """
     keep = len(marker) - 1  # a marker may straddle two chunks

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from proxy.errors import BadRequest, PayloadTooLarge
-from proxy.gcs.coding import BodyReader, Gunzipped, held_from
+from proxy.gcs.coding import BodyReader, held_from
 from proxy.gcs.metadata import MAX_METADATA_BYTES, parse_metadata
 
 _CHUNK = 1 << 20
@@ -76,16 +76,14 @@ class MultipartUpload:
         return f'multipart/related; boundary="{self.boundary}"', self._body(self.head(metadata))
 
     async def _body(self, head: bytes) -> AsyncIterator[bytes]:
-        # Decompressed by the proxy (coding.held_from): the caller's bytes from the first
-        # delimiter on wait until the whole gzip body has proved whole. A delimiter starts a
-        # line (RFC 2046 5.1.1; CRLF or bare LF, as in the head), and the media starts one
-        # (some parsers take a delimiter there as an empty part): `--boundary` elsewhere in
-        # the media is data, and holding from it would hold the rest of the media.
-        if not isinstance(self.content, Gunzipped):
-            yield head + self.leftover
-            async for chunk in self.content.iter_chunked(_CHUNK):
-                yield chunk
-            return
+        # The caller's bytes from the first delimiter on wait until the whole body has
+        # proved whole (coding.held_from): Cloud Storage may store the object on reading
+        # the closing delimiter, and a body cut short after it, or with broken chunk
+        # framing, must store nothing (a review saw one stored while the request failed).
+        # A delimiter starts a line (RFC 2046 5.1.1; CRLF or bare LF, as in the head), and
+        # the media starts one (some parsers take a delimiter there as an empty part):
+        # `--boundary` elsewhere in the media is data, and holding from it would hold the
+        # rest of the media.
         yield head
         marker = b"\n--" + self.boundary.encode()
         async for chunk in held_from(self._caller_bytes(), marker, before=b"\n"):

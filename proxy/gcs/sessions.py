@@ -39,12 +39,19 @@ _PAGE_PAD = 2048  # one size for every token a 1,024-byte name can produce
 
 @dataclass(frozen=True)
 class UploadSession:
+    """What a handle binds. `replaces`: opened without create-only (the caller could
+    delete), so its chunks need `delete` still; `privileged`: opened with what needs
+    `admin` (an ACL, a retention, a hold, a KMS key), so its chunks need `admin` still.
+    A policy that takes either away stops the session, as it stops a new one."""
+
     issuer: str
     subject: str
     bucket: str
     object: str
     upload_id: str
     expires: int
+    replaces: bool = True
+    privileged: bool = True
 
 
 class InvalidSession(BadRequest):
@@ -111,14 +118,18 @@ class SessionSealer:
             session.object,
             session.upload_id,
             session.expires,
+            int(session.replaces),
+            int(session.privileged),
         ]
         return self._seal(fields, _AAD)
 
     def open(self, handle: str, now: float | None = None) -> UploadSession:
         fields = self._open(handle, _AAD)
-        if fields is None or len(fields) != 6:
+        # Six fields: a handle from before sessions carried their powers; assumed to have
+        # both, so its chunks need them (one from a write-only caller starts again).
+        if fields is None or len(fields) not in (6, 8):
             raise InvalidSession("no such upload session")
-        session = UploadSession(*fields)  # type: ignore[arg-type]
+        session = UploadSession(*fields[:6], *(bool(f) for f in fields[6:]))  # type: ignore[arg-type]
         if session.expires < (time.time() if now is None else now):
             raise InvalidSession("the upload session has expired")
         return session
@@ -140,6 +151,18 @@ class SessionSealer:
             raise InvalidPageToken("Invalid page token")
         return fields[0]
 
-    def new(self, issuer: str, subject: str, bucket: str, name: str, upload_id: str) -> str:
+    def new(
+        self,
+        issuer: str,
+        subject: str,
+        bucket: str,
+        name: str,
+        upload_id: str,
+        *,
+        replaces: bool,
+        privileged: bool,
+    ) -> str:
         expires = int(time.time()) + SESSION_LIFETIME
-        return self.seal(UploadSession(issuer, subject, bucket, name, upload_id, expires))
+        return self.seal(
+            UploadSession(issuer, subject, bucket, name, upload_id, expires, replaces, privileged)
+        )
