@@ -357,9 +357,10 @@ def _plan(
         )
     if operation.kind is Kind.RESUMABLE_START:
         bucket, name = operation.bucket, operation.object or ""
-        # Create-only sent upstream: the session can never replace an object.
+        # Create-only sent upstream: the session can never replace an object. Privileged
+        # by a parameter (predefinedAcl) or by its metadata body (acl, holds, KMS key).
         replaces = operation.param("ifGenerationMatch") != "0"
-        privileged = operation.privileged
+        privileged = operation.privileged or any(a.verb is Verb.ADMIN for a in operation.accesses)
         return ResponsePlan(
             mint_session=lambda upload_id: sealer.new(
                 identity.issuer,

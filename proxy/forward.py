@@ -124,7 +124,7 @@ class Forwarder:
                     return self._session_started(origin, operation, upstream, plan.mint_session)
                 if reads_answer and upstream.status < 300:
                     return await self._json(origin, operation, upstream, plan, outcome)
-                if reads_answer and upstream.status == 308:
+                if upstream.status == 308:
                     # A resumable chunk taken, more to come: its Range says how far. Cloud
                     # Storage sends no body; one that came (fake-gcs-server sends the object,
                     # ACL and upstream links included) is not the sidecar's to relay.

@@ -6,6 +6,7 @@ import asyncio
 import gzip
 import os
 import random
+import re
 import zlib
 
 import aiohttp
@@ -15,6 +16,7 @@ from multidict import CIMultiDict, CIMultiDictProxy
 
 from proxy.errors import BadRequest, PayloadTooLarge, UnsupportedEncoding
 from proxy.gcs.coding import MAX_MEMBERS, Gunzipped, body_coding, held_from
+from proxy.gcs.multipart import _delimiter_line
 
 
 def stream(body: bytes, step: int) -> aiohttp.StreamReader:
@@ -131,27 +133,54 @@ async def test_held_from_streams_media_without_a_delimiter_and_caps_what_follows
             pass
 
 
-async def test_held_from_against_finding_the_marker_in_the_whole_body():
+@pytest.mark.parametrize("kind", ["bytes", "delimiter line"])
+async def test_held_from_against_finding_the_marker_in_the_whole_body(kind):
     # An oracle over random bodies of a small alphabet and random cuts: before the first
     # marker in `before` + body, everything streams; from it on, nothing until a clean end.
     # `before` was sent already: a marker may begin in it, and none of it comes out again.
+    # The delimiter line is multipart's: `--b`, padding, then a line end or `--`.
     rng = random.Random(2046)  # noqa: S311 (test data, not secrets)
-    marker = b"\n--b"
+    if kind == "bytes":
+        marker, longest, alphabet = b"\n--b", 4, b"\n-bx"
+        pattern = re.compile(re.escape(marker))
+    else:
+        pattern, longest = _delimiter_line("b")
+        marker, alphabet = pattern, b"\n-bx \r"
     for _ in range(3000):
-        before = bytes(rng.choice(b"\n-bx") for _ in range(rng.randrange(3)))
-        body = bytes(rng.choice(b"\n-bx") for _ in range(rng.randrange(12)))
+        before = bytes(rng.choice(alphabet) for _ in range(rng.randrange(3)))
+        body = bytes(rng.choice(alphabet) for _ in range(rng.randrange(16)))
         cuts = sorted(rng.sample(range(len(body) + 1), min(len(body) + 1, rng.randrange(4))))
         pieces = [body[i:j] for i, j in zip([0, *cuts], [*cuts, len(body)], strict=True)]
-        at = (before + body).find(marker)
-        free = body if at < 0 else body[: max(at - len(before), 0)]
-        whole = [c async for c in held_from(chunks_of(*pieces), marker, before=before)]
+        found = pattern.search(before + body)
+        free = body if found is None else body[: max(found.start() - len(before), 0)]
+        options = {"before": before, "longest": longest}
+        whole = [c async for c in held_from(chunks_of(*pieces), marker, **options)]
         assert b"".join(whole) == body, (before, pieces)
         sent = bytearray()
         with pytest.raises(BadRequest):
-            async for chunk in held_from(chunks_of(*pieces, fail=True), marker, before=before):
+            async for chunk in held_from(chunks_of(*pieces, fail=True), marker, **options):
                 sent += chunk
         assert bytes(sent) == free[: len(sent)], (before, pieces)
-        assert len(sent) >= len(free) - (len(marker) - 1), (before, pieces)
+        assert len(sent) >= len(free) - (longest - 1), (before, pieces)
+
+
+@pytest.mark.parametrize(
+    ("line", "delimiter"),
+    [
+        (b"\n--==0==\r\n", True),
+        (b"\n--==0==\n", True),  # bare LF, as apitools writes
+        (b"\n--==0==--", True),  # the closing one
+        (b"\n--==0==  \t\r\n", True),  # transport padding
+        (b"\n--==0== x\r\n", True),  # padding, then not a line end: Go's parser takes it
+        (b"\n--==0==X not a delimiter\n", False),  # a review: gcsfs media, 400
+        (b"x--==0==\r\n", False),  # not at a line's start
+    ],
+)
+def test_a_delimiter_line_is_the_boundary_alone_on_its_line(line, delimiter):
+    pattern, longest = _delimiter_line("==0==")
+    found = pattern.search(line)
+    assert (found is not None) == delimiter
+    assert found is None or len(found.group()) <= longest
 
 
 async def test_a_bomb_lets_the_event_loop_run_between_its_steps():

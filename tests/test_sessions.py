@@ -48,9 +48,11 @@ def test_a_handle_carries_the_powers_its_session_was_opened_with(replaces, privi
     sealer = SessionSealer(KEY)
     handle = sealer.new("i", "s", "b", "o", "u", replaces=replaces, privileged=privileged)
     assert (sealer.open(handle).replaces, sealer.open(handle).privileged) == (replaces, privileged)
-    # A handle sealed before sessions carried their powers is taken to have both.
+    # A handle sealed before sessions carried their powers is taken to replace (its chunks
+    # need delete), not to be privileged (every caller without admin would lose its
+    # uploads in flight).
     older = sealer._seal(["i", "s", "b", "o", "u", int(time.time()) + 60], _AAD)
-    assert (sealer.open(older).replaces, sealer.open(older).privileged) == (True, True)
+    assert (sealer.open(older).replaces, sealer.open(older).privileged) == (True, False)
 
 
 @pytest.mark.parametrize(
@@ -211,9 +213,11 @@ def test_a_session_keeps_only_the_powers_the_policy_still_grants(
         replacing = _start(everything, token)
         created = _start(write_only, token)  # create-only upstream: never replaces
         acl = _start(everything, token, "&predefinedAcl=publicRead")
+        held = _start(everything, token, body=b'{"temporaryHold": true}')  # admin by its body
         relay.clear()
         assert _put(write_only, replacing, token, b"gone").status == 403
         assert _put(write_delete, acl, token, b"public").status == 403
+        assert _put(write_delete, held, token, b"held").status == 403
         assert relay.seen == []
         assert fake_gcs.get_object("sessions-bucket", "up/file.bin") == b"original"
         assert _put(write_only, created, token, b"new").status in (200, 412)
@@ -236,12 +240,12 @@ def test_invalid_session_key_is_a_usage_error(tmp_path, metadata_server, relay):
     process.stop()
 
 
-def _start(process: ProxyProcess, token: str, more: str = "") -> str:
+def _start(process: ProxyProcess, token: str, more: str = "", body: bytes = b"{}") -> str:
     connection = http.client.HTTPConnection("127.0.0.1", process.port, timeout=30)
     connection.request(
         "POST",
         "/upload/storage/v1/b/sessions-bucket/o?uploadType=resumable&name=up%2Ffile.bin" + more,
-        body=b"{}",
+        body=body,
         headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"},
     )
     response = connection.getresponse()

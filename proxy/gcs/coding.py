@@ -12,6 +12,7 @@ that the caller did not ask Cloud Storage to decode.
 from __future__ import annotations
 
 import asyncio
+import re
 import zlib
 from collections.abc import AsyncIterator, Mapping
 
@@ -101,7 +102,11 @@ class Gunzipped:
 
 
 async def held_from(
-    chunks: AsyncIterator[bytes], marker: bytes, limit: int = HELD_LIMIT, before: bytes = b""
+    chunks: AsyncIterator[bytes],
+    marker: bytes | re.Pattern[bytes],
+    limit: int = HELD_LIMIT,
+    before: bytes = b"",
+    longest: int | None = None,
 ) -> AsyncIterator[bytes]:
     """`chunks` up to the first `marker`; from there on, held until the source has ended
     without an error (at most `limit` bytes, else 400).
@@ -109,32 +114,38 @@ async def held_from(
     The marker is a multipart body's delimiter: Cloud Storage may store the object as soon
     as it reads the closing one, wherever it lies (an epilogue may follow it). Held, it goes
     upstream only once the whole body (decompressed or as sent) has proved whole, so a
-    damaged body stores nothing: the upstream request is cut before its end. `before` is what preceded `chunks`
-    (already sent, not yielded again): a marker may begin in it.
+    damaged body stores nothing: the upstream request is cut before its end. `before` is
+    what preceded `chunks` (already sent, not yielded again): a marker may begin in it. A
+    pattern's matches are `longest` bytes at most.
     """
-    keep = len(marker) - 1  # a marker may straddle two chunks
+    if isinstance(marker, bytes):
+        pattern, longest = re.compile(re.escape(marker)), len(marker)
+    elif longest is None:
+        raise TypeError("held_from needs a pattern's longest match")
+    else:
+        pattern = marker
+    keep = longest - 1  # a marker may straddle two chunks
     carry = before[max(len(before) - keep, 0) :]
     sent = len(carry)  # the leading bytes of `carry` that are `before`'s, not ours to yield
     held: bytearray | None = None
     async for chunk in chunks:
         if held is None:
             data = carry + chunk
-            at = data.find(marker)
-            if at < 0:
+            found = pattern.search(data)
+            if found is None:
                 cut = max(len(data) - keep, 0)
                 if cut > sent:
                     yield data[sent:cut]
                 carry, sent = data[cut:], max(sent - cut, 0)
                 continue
+            at = found.start()
             if at > sent:
                 yield data[sent:at]
             held = bytearray(data[max(at, sent) :])
         else:
             held += chunk
         if len(held) > limit:
-            raise BadRequest(
-                f"a gzip multipart body goes on for over {limit} bytes after its boundary"
-            )
+            raise BadRequest(f"a multipart body goes on for over {limit} bytes after its boundary")
     if held is not None:
         yield bytes(held)
     elif len(carry) > sent:

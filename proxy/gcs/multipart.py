@@ -85,14 +85,24 @@ class MultipartUpload:
         # `--boundary` elsewhere in the media is data, and holding from it would hold the
         # rest of the media.
         yield head
-        marker = b"\n--" + self.boundary.encode()
-        async for chunk in held_from(self._caller_bytes(), marker, before=b"\n"):
+        marker, longest = _delimiter_line(self.boundary)
+        async for chunk in held_from(self._caller_bytes(), marker, before=b"\n", longest=longest):
             yield chunk
 
     async def _caller_bytes(self) -> AsyncIterator[bytes]:
         yield self.leftover
         async for chunk in self.content.iter_chunked(_CHUNK):
             yield chunk
+
+
+def _delimiter_line(boundary: str) -> tuple[re.Pattern[bytes], int]:
+    """Where a delimiter may be: `--boundary` at the start of a line and then a space, a
+    tab, a line end or `-` (RFC 2046 5.1.1 allows padding, then the line's end or `--`;
+    Go's parser, as Cloud Storage's may, takes any of these bytes for one). A line that
+    only starts like one, `--boundaryX...`, is data (a review: gcsfs media holding
+    `--==0==X ...` was held and refused). The pattern, and its longest match."""
+    delimiter = b"\n--" + boundary.encode()
+    return re.compile(re.escape(delimiter) + rb"[ \t\r\n-]"), len(delimiter) + 1
 
 
 def boundary_of(content_type: str) -> str:
