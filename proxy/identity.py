@@ -103,6 +103,8 @@ class JwtVerifier:
         presented = self.present(headers)
         if len(presented.token) > MAX_TOKEN_BYTES:
             raise Unauthenticated("identity token is too large")
+        if not presented.token.isascii():  # a JWT is ASCII; aiohttp hands on other bytes
+            raise Unauthenticated("identity token is not a JWT")
         cache_key = hashlib.sha256(f"{presented.source}\0{presented.token}".encode()).digest()
         cached = self._cache.get(cache_key)
         if cached is not None and cached[1] > time.time():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import time
 from contextlib import AbstractContextManager, nullcontext
 from functools import lru_cache
@@ -27,7 +28,7 @@ REDACTED = "REDACTED"
 SAFE_PARAMS = frozenset(
     {
         "alt", "prefix", "delimiter", "generation", "uploadType", "name", "projection",
-        "maxResults", "pageToken", "versions", "startOffset", "endOffset", "matchGlob",
+        "maxResults", "versions", "startOffset", "endOffset", "matchGlob",
         "includeTrailingDelimiter", "includeFoldersAsPrefixes", "softDeleted", "fields",
         "prettyPrint", "userProject", "contentEncoding", "ifGenerationMatch",
         "ifGenerationNotMatch", "ifMetagenerationMatch", "ifMetagenerationNotMatch",
@@ -39,14 +40,25 @@ _NOTHING: AbstractContextManager[None] = nullcontext()
 
 
 def safe_query(raw_query: str) -> str:
-    """The raw query with every value not known to be harmless replaced by REDACTED."""
+    """The raw query with every value not known to be harmless replaced by REDACTED, and
+    every item that is not `name=value` too. A value holding `?`, `;` or `=` is not one
+    value (a review: `alt=media?access_token=<JWT>`, a client's second `?`, was kept whole);
+    a page token is a sealed handle, or whatever a caller put there."""
     if not raw_query:
         return ""
     parts = []
     for item in raw_query.split("&"):
-        name, eq, _ = item.partition("=")
-        parts.append(item if name in SAFE_PARAMS or not eq else f"{name}={REDACTED}")
+        name, eq, value = item.partition("=")
+        if not eq:
+            parts.append(REDACTED)
+        elif name in SAFE_PARAMS and _ONE_VALUE.fullmatch(value):
+            parts.append(item)
+        else:
+            parts.append(f"{name if _ONE_VALUE.fullmatch(name) else REDACTED}={REDACTED}")
     return "&".join(parts)
+
+
+_ONE_VALUE = re.compile(r"[^?;=#]*")
 
 
 def http_route(route: str | None) -> str | None:

@@ -849,6 +849,35 @@ def test_media_lines_that_only_start_like_the_delimiter_are_data(proxy, seeded, 
     assert seeded.get_object(BUCKET, name) == media
 
 
+@pytest.mark.parametrize("glue", ["?", ";", "&"])
+def test_a_token_glued_onto_the_query_is_never_logged(proxy, seeded, tokens, glue):
+    """A review: `?alt=media?access_token=<JWT>` (a client's second `?`), or `;`, or a bare
+    item, was written whole into the audit record's requestUrl (and the span's url.query)."""
+    token = tokens["alice"]
+    item = f"access_token={token}" if glue != "&" else token
+    target = f"/storage/v1/b/{BUCKET}/o/alice%2Fmine.txt?alt=media{glue}{item}"
+    reply = call(proxy, "GET", target)
+    assert reply.status in (400, 401), reply.body
+    deadline = time.monotonic() + 5
+    while "alice%2Fmine.txt?alt=" not in proxy.output() and time.monotonic() < deadline:
+        time.sleep(0.05)  # the audit line follows its answer
+    assert "alice%2Fmine.txt?alt=" in proxy.output()
+    assert token.rpartition(".")[2] not in proxy.output()
+
+
+def test_a_byte_outside_ascii_in_the_token_is_a_401(proxy, seeded, tokens):
+    """A review: it raised while hashing the token for the cache: 500, and no audit."""
+    connection = http.client.HTTPConnection("127.0.0.1", proxy.port, timeout=30)
+    connection.putrequest("GET", f"/storage/v1/b/{BUCKET}/o/alice%2Fmine.txt?alt=media")
+    connection.putheader("Authorization", f"Bearer {tokens['alice']}\xff")
+    connection.endheaders()
+    response = connection.getresponse()
+    body = response.read()
+    connection.close()
+    assert response.status == 401, body
+    assert "not a JWT" in json.loads(body)["error"]["message"]
+
+
 def test_a_copy_is_audited_as_the_write_of_its_destination_with_every_check(
     proxy, seeded, relay, tokens
 ):

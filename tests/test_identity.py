@@ -238,3 +238,12 @@ async def test_a_token_far_from_expiry_is_verified_again_after_the_cache_limit(
     with contextlib.suppress(Unauthenticated):  # the clock moved on: `iat` ahead is fine
         await verifier.verify(bearer(token))
     assert verifications == 1  # the signature was checked again, not taken from the cache
+
+
+async def test_a_token_with_a_byte_outside_ascii_is_refused_not_a_crash(issuer, session):
+    """A review: `Bearer <jwt>\\xff` (aiohttp hands the byte on as a surrogate) failed to
+    encode for the cache key: 500, and no audit record."""
+    verifier = verifier_for(issuer, session)
+    token = issuer.mint(audience=AUD, subject="s1")
+    error = await refused(verifier, bearer(token + "\udcff"))
+    assert error.message == "identity token is not a JWT"

@@ -600,7 +600,22 @@ def test_safe_query_keeps_only_harmless_values():
     assert safe_query("") == ""
     assert safe_query("alt=media&prefix=a%2F&generation=3") == "alt=media&prefix=a%2F&generation=3"
     assert safe_query("X-Goog-Signature=abc&upload_id=h&alt=json&flag") == (
-        "X-Goog-Signature=REDACTED&upload_id=REDACTED&alt=json&flag"
+        "X-Goog-Signature=REDACTED&upload_id=REDACTED&alt=json&REDACTED"
+    )
+    # A review: a second `?` or a `;` (alt=media?access_token=...), a bare item (a token
+    # alone) and a page token (a sealed handle, or whatever a caller put there) were kept.
+    jwt = "eyJhbGciOiJSUzI1NiJ9.eyJzdWIiOiJ4In0.c2lnbmF0dXJl"
+    for query in (
+        f"alt=media?access_token={jwt}",
+        f"alt=media;access_token={jwt}",
+        f"alt=media&{jwt}",
+        f"pageToken={jwt}",
+        f"alt=json&a?b={jwt}",
+    ):
+        assert jwt not in safe_query(query) and "c2lnbmF0dXJl" not in safe_query(query), query
+    assert safe_query(f"alt=media?access_token={jwt}") == "alt=REDACTED"
+    assert safe_query("alt=media&pageToken=x&maxResults=5") == (
+        "alt=media&pageToken=REDACTED&maxResults=5"
     )
 
 

@@ -31,6 +31,12 @@ DROPPED_RESPONSE_HEADERS = frozenset(
         "x-goog-upload-url",
         "x-goog-upload-control-url",
         "x-goog-upload-status",
+        # About the sidecar's own credentials and Cloud Storage's own hops and traces, not
+        # the caller's: a challenge can name the service account (the sidecar's 401s carry
+        # their own).
+        "www-authenticate",
+        "via",
+        "x-cloud-trace-context",
     }
 )
 _FIXED_PARAMS: dict[Kind, tuple[tuple[str, str], ...]] = {
