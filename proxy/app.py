@@ -233,13 +233,15 @@ def _listing(operation: Operation) -> str:
 
 
 def _in_session(operation: Operation, session: UploadSession) -> Operation:
-    """A chunk, status query or cancel needs what the session was opened with, decided
-    again with the policy of now: `write`, and `delete` if it may replace an object,
-    `admin` if it carries an ACL, retention, hold or KMS key (a review saw a week-long
-    session keep both after a reload took them away)."""
+    """A chunk or status query needs what the session was opened with, decided again with
+    the policy of now: `write`, and `delete` if it may replace an object, `admin` if it
+    carries an ACL, retention, hold or KMS key (a review saw a week-long session keep both
+    after a reload took them away). A cancel needs `write` only: it writes nothing, and a
+    caller who may no longer finish a session may still end it."""
     verbs = [Verb.WRITE]
-    verbs += [Verb.DELETE] if session.replaces else []
-    verbs += [Verb.ADMIN] if session.privileged else []
+    if operation.kind is not Kind.RESUMABLE_CANCEL:  # discarding one writes nothing
+        verbs += [Verb.DELETE] if session.replaces else []
+        verbs += [Verb.ADMIN] if session.privileged else []
     accesses = tuple(Access(verb, session.bucket, session.object) for verb in verbs)
     return replace(operation, object=session.object, accesses=accesses)
 

@@ -18,6 +18,8 @@ from proxy.components import RECORD, Components
 from proxy.errors import ProxyError
 from proxy.forward import Outcome
 from proxy.gcs.operation import Operation
+from proxy.gcs.parse import KNOWN_PARAMS
+from proxy.gcs.rawurl import CREDENTIAL_PARAMS
 from proxy.limits import Handler
 from proxy.metrics import NULL_METRICS, RequestFacts
 from proxy.telemetry import extract
@@ -41,24 +43,35 @@ _NOTHING: AbstractContextManager[None] = nullcontext()
 
 def safe_query(raw_query: str) -> str:
     """The raw query with every value not known to be harmless replaced by REDACTED, and
-    every item that is not `name=value` too. A value holding `?`, `;` or `=` is not one
-    value (a review: `alt=media?access_token=<JWT>`, a client's second `?`, was kept whole);
-    a page token is a sealed handle, or whatever a caller put there."""
+    every name not known at all. A name outside the API's, or an item that is not
+    `name=value`, may be a secret itself (a token alone, `<JWT>=x`). Known values are
+    kept: the free-text ones (prefix, name, matchGlob, ...) unless they hold `?`, `;` or
+    `=` (a client's second `?`: `prefix=a?access_token=<JWT>`), the others (alt, numbers,
+    flags) only as one short word (`alt=media%3Faccess_token%3D<JWT>` is not one). A page
+    token is a sealed handle, or whatever a caller put there."""
     if not raw_query:
         return ""
     parts = []
     for item in raw_query.split("&"):
         name, eq, value = item.partition("=")
-        if not eq:
-            parts.append(REDACTED)
-        elif name in SAFE_PARAMS and _ONE_VALUE.fullmatch(value):
+        if not eq or not (name in _NAMED or name.lower() in CREDENTIAL_PARAMS):
+            parts.append(f"{REDACTED}={REDACTED}" if eq else REDACTED)
+        elif name in SAFE_PARAMS and (
+            _WORD.fullmatch(value) or (name in _FREE_TEXT and _ONE_VALUE.fullmatch(value))
+        ):
             parts.append(item)
         else:
-            parts.append(f"{name if _ONE_VALUE.fullmatch(name) else REDACTED}={REDACTED}")
+            parts.append(f"{name}={REDACTED}")
     return "&".join(parts)
 
 
+_NAMED = SAFE_PARAMS | KNOWN_PARAMS
+_FREE_TEXT = frozenset(
+    {"prefix", "delimiter", "name", "startOffset", "endOffset", "matchGlob", "fields",
+     "userProject", "contentEncoding"}
+)  # fmt: skip
 _ONE_VALUE = re.compile(r"[^?;=#]*")
+_WORD = re.compile(r"[A-Za-z0-9_-]{0,32}")
 
 
 def http_route(route: str | None) -> str | None:

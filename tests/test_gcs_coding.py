@@ -173,6 +173,7 @@ async def test_held_from_against_finding_the_marker_in_the_whole_body(kind):
         (b"\n--==0==  \t\r\n", True),  # transport padding
         (b"\n--==0== x\r\n", True),  # padding, then not a line end: Go's parser takes it
         (b"\n--==0==X not a delimiter\n", False),  # a review: gcsfs media, 400
+        (b"\n--==0==-x\n", False),  # one dash is not the closing `--` (Go: data)
         (b"x--==0==\r\n", False),  # not at a line's start
     ],
 )

@@ -211,6 +211,7 @@ def test_a_session_keeps_only_the_powers_the_policy_still_grants(
             process.wait_ready()
         token = dev_issuer.mint(audience="sessions", subject="w", email="w@example.com")
         replacing = _start(everything, token)
+        ended = _start(everything, token)
         created = _start(write_only, token)  # create-only upstream: never replaces
         acl = _start(everything, token, "&predefinedAcl=publicRead")
         held = _start(everything, token, body=b'{"temporaryHold": true}')  # admin by its body
@@ -220,6 +221,7 @@ def test_a_session_keeps_only_the_powers_the_policy_still_grants(
         assert _put(write_delete, held, token, b"held").status == 403
         assert relay.seen == []
         assert fake_gcs.get_object("sessions-bucket", "up/file.bin") == b"original"
+        assert _cancel(write_only, ended, token).status != 403  # ends it, writes nothing
         assert _put(write_only, created, token, b"new").status in (200, 412)
         assert _put(write_delete, replacing, token, b"replaced").status == 200
         assert fake_gcs.get_object("sessions-bucket", "up/file.bin") == b"replaced"
@@ -262,6 +264,15 @@ def _put(process: ProxyProcess, location: str, token: str, data: bytes) -> http.
         "Content-Range": f"bytes 0-{len(data) - 1}/{len(data)}",
     }
     connection.request("PUT", location, body=data, headers=headers)
+    response = connection.getresponse()
+    response.read()
+    connection.close()
+    return response
+
+
+def _cancel(process: ProxyProcess, location: str, token: str) -> http.client.HTTPResponse:
+    connection = http.client.HTTPConnection("127.0.0.1", process.port, timeout=30)
+    connection.request("DELETE", location, headers={"Authorization": f"Bearer {token}"})
     response = connection.getresponse()
     response.read()
     connection.close()

@@ -614,6 +614,19 @@ def test_safe_query_keeps_only_harmless_values():
     ):
         assert jwt not in safe_query(query) and "c2lnbmF0dXJl" not in safe_query(query), query
     assert safe_query(f"alt=media?access_token={jwt}") == "alt=REDACTED"
+    # A second review: a token as a name, or percent-encoded into a known value.
+    for query in (f"{jwt}=x", f"access_token%3D{jwt}=", f"alt=media%3Faccess_token%3D{jwt}"):
+        assert "c2lnbmF0dXJl" not in safe_query(query), query
+    assert safe_query(f"{jwt}=x&alt=media%3Fa%3D{jwt}") == "REDACTED=REDACTED&alt=REDACTED"
+    # What operators read stays: free text as clients encode it, numbers, known names.
+    kept = "prefix=year%3D2024%2F&fields=items(name),nextPageToken&matchGlob=**/*.{csv,json}"
+    assert (
+        safe_query(kept + "&generation=1700000000000000") == kept + "&generation=1700000000000000"
+    )
+    assert (
+        safe_query("upload_id=h&X-Goog-Signature=s")
+        == "upload_id=REDACTED&X-Goog-Signature=REDACTED"
+    )
     assert safe_query("alt=media&pageToken=x&maxResults=5") == (
         "alt=media&pageToken=REDACTED&maxResults=5"
     )

@@ -97,12 +97,12 @@ class MultipartUpload:
 
 def _delimiter_line(boundary: str) -> tuple[re.Pattern[bytes], int]:
     """Where a delimiter may be: `--boundary` at the start of a line and then a space, a
-    tab, a line end or `-` (RFC 2046 5.1.1 allows padding, then the line's end or `--`;
-    Go's parser, as Cloud Storage's may, takes any of these bytes for one). A line that
-    only starts like one, `--boundaryX...`, is data (a review: gcsfs media holding
-    `--==0==X ...` was held and refused). The pattern, and its longest match."""
+    tab, a line end or `--` (RFC 2046 5.1.1 allows padding, then the line's end or `--`;
+    Go's parser, as Cloud Storage's may, takes any of these for one). A line that only
+    starts like one, `--boundaryX...` or `--boundary-x`, is data (a review: gcsfs media
+    holding `--==0==X ...` was held and refused). The pattern, and its longest match."""
     delimiter = b"\n--" + boundary.encode()
-    return re.compile(re.escape(delimiter) + rb"[ \t\r\n-]"), len(delimiter) + 1
+    return re.compile(re.escape(delimiter) + rb"(?:[ \t\r\n]|--)"), len(delimiter) + 2
 
 
 def boundary_of(content_type: str) -> str:

@@ -88,6 +88,8 @@ _ALLOWED_PARAMS: dict[Kind, frozenset[str]] = {
     Kind.ACL: frozenset({"generation", "userProject", "prettyPrint", "fields", "alt"}),
 }
 # Parameters that change who may access an object or how it is protected: need `admin`.
+# Every parameter name some request may carry (what logs may name).
+KNOWN_PARAMS = frozenset().union(*_ALLOWED_PARAMS.values())
 _PRIVILEGED_PARAMS = frozenset(
     {
         "predefinedAcl",

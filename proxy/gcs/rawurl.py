@@ -14,7 +14,7 @@ _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 _UNRESERVED = re.compile(r"[A-Za-z0-9_.~-]*")  # never escaped by quote(value, safe="")
 _FORBIDDEN_RAW = re.compile(r"[#\\\x00\r\n\t ]")
 # Names that carry credentials or signed-URL material: never accepted on the data port.
-_CREDENTIAL_PARAMS = frozenset(
+CREDENTIAL_PARAMS = frozenset(
     name.lower()
     for name in (
         "access_token",
@@ -94,7 +94,7 @@ def parse_query(query: str) -> dict[str, str]:
         if not name or name.startswith("$"):
             raise BadRequest(f"unsupported query parameter {name!r}")
         lowered = name.lower()
-        if lowered in _CREDENTIAL_PARAMS:
+        if lowered in CREDENTIAL_PARAMS:
             raise BadRequest(f"credentials in the query string ({name!r}) are not accepted")
         if lowered == "x-http-method-override":
             raise BadRequest("method override is not accepted")
