@@ -329,7 +329,53 @@ def test_who_can_resolves_templates(capsys):
         "may delete gs://acme-home/home/carol@example.com/x:",
         "  user:carol@example.com",
     ]
-    assert run_json(capsys, *base, "gs://acme-home/home/eve@example.net/x")[1]["principals"] == []
+    # Google tokens: example.com is the `hd` of a Workspace, whose members may have
+    # addresses in other domains; eve@example.net may be one.
+    assert run_json(capsys, *base, "gs://acme-home/home/eve@example.net/x")[1]["principals"] == [
+        "user:eve@example.net"
+    ]
+
+
+def test_a_google_domain_does_not_cover_its_emails_in_the_policy_tools(capsys, tmp_path):
+    """A review: who-can, diff and lint took domain:example.com to cover
+    user:ann@example.com; with Google's issuer, `domain:` is the token's `hd`, and a
+    personal account ann@example.com holds only the user rule. Adding it was 'no change
+    in access', and lint advised deleting it as 'never decides'."""
+    dom = "  - {id: dom, principals: ['domain:example.com'], bucket: bkt, prefixes: [pub/], verbs: [read]}\n"
+    ann = "  - {id: ann, principals: ['user:ann@example.com'], bucket: bkt, prefixes: [pub/], verbs: [read]}\n"
+    old, new = tmp_path / "old.yaml", tmp_path / "new.yaml"
+    old.write_text("version: 1\n" + ISSUERS + "rules:\n" + dom)
+    new.write_text("version: 1\n" + ISSUERS + "rules:\n" + dom + ann)
+    code, data = run_json(capsys, "diff", str(old), str(new))
+    assert code == 1
+    assert data["granted"] == [
+        {"principal": "user:ann@example.com", "verb": "read", "bucket": "bkt", "prefix": "pub/"}
+    ]
+    assert run_json(capsys, "who-can", "--policy", str(new), "read", "gs://bkt/pub/f")[1] == {
+        "principals": ["domain:example.com", "user:ann@example.com"],
+        "except": [],
+    }
+    _, out, _ = run(capsys, "lint", str(new))
+    assert "never decides" not in out
+
+
+def test_who_can_finds_google_members_whose_hd_is_not_their_emails_domain(capsys, tmp_path):
+    """A review: the sidecar allowed alice@example.com with hd corp.example.com on
+    dom/corp.example.com/ (user rule, ${domain}), and ann@example.com of corp.example.com
+    on home/ann@example.com/ (domain rule, ${email}); who-can answered nobody."""
+    rules = (
+        "  - {id: own, principals: ['user:alice@example.com'], bucket: bkt, prefixes: ['dom/${domain}/'], verbs: [read]}\n"
+        "  - {id: corp, principals: ['domain:corp.example.com'], bucket: bkt, prefixes: ['home/${email}/'], verbs: [read]}\n"
+    )
+    path = tmp_path / "p.yaml"
+    path.write_text("version: 1\n" + ISSUERS + "rules:\n" + rules)
+    base = ["who-can", "--policy", str(path), "read"]
+    assert run_json(capsys, *base, "gs://bkt/dom/corp.example.com/f")[1]["principals"] == [
+        "user:alice@example.com"
+    ]
+    assert run_json(capsys, *base, "gs://bkt/home/ann@example.com/f")[1]["principals"] == [
+        "user:ann@example.com"
+    ]
 
 
 def test_who_can_lists_denied_members_of_a_wider_grant(capsys, tmp_path):

@@ -18,7 +18,15 @@ from proxy.policy.evaluate import (
     expand_principal,
     expand_template,
 )
-from proxy.policy.model import ALL_VERBS, TEMPLATE_VARIABLES, Identity, Policy, fold
+from proxy.policy.model import (
+    ALL_VERBS,
+    GOOGLE_ISSUER,
+    HOSTED_DOMAIN_ISSUERS,
+    TEMPLATE_VARIABLES,
+    Identity,
+    Policy,
+    fold,
+)
 
 # A stand-in issuer and subject no `subject:` principal names, for principals that are emails.
 ANY_ISSUER = "urn:gcs-iap-proxy:any-issuer"
@@ -28,15 +36,23 @@ _NOWHERE = "nowhere.invalid"  # a reserved name (RFC 2606): no caller's real dom
 _TEMPLATE = re.compile(r"\$\{([a-z]+)\}")
 
 
-def covers(wide: str, narrow: str) -> bool:
-    """Whether every identity holding principal `narrow` also holds `wide`."""
+def covers(wide: str, narrow: str, hosted: bool = False) -> bool:
+    """Whether every identity holding principal `narrow` also holds `wide`. With `hosted`
+    (the policy lists Google's or IAP's issuer, whose `domain:` is the token's `hd`), a
+    domain does not cover its emails: `ann@example.com` may be a personal Google account.
+    A domain's deny still covers them (see Identity.deny_only_principals): pass False."""
     if wide == narrow or wide == "allAuthenticatedUsers":
         return True
     kind, _, rest = wide.partition(":")
-    if kind != "domain":
+    if kind != "domain" or hosted:
         return False
     narrow_kind, _, email = narrow.partition(":")
     return narrow_kind in {"user", "serviceAccount"} and email.rpartition("@")[2] == rest
+
+
+def hosted_domains(*policies: Policy) -> bool:
+    """Whether a policy lists an issuer whose `domain:` is the token's `hd`."""
+    return any(i.issuer in HOSTED_DOMAIN_ISSUERS for p in policies for i in p.issuers)
 
 
 def principals_of(policy: Policy) -> set[str]:
@@ -50,13 +66,16 @@ class Representatives:
     """An identity for each principal: one that holds that principal and nothing more specific
     the policies mention, so evaluating it tells what every holder of the principal may do."""
 
-    def __init__(self, named: Iterable[str]) -> None:
+    def __init__(self, named: Iterable[str], hosted: bool = False) -> None:
         named = set(named)
+        # A person stands for its least: with Google's issuer listed, a personal account
+        # (no `hd`) that no domain allow covers.
+        self._person_issuer = GOOGLE_ISSUER if hosted else ANY_ISSUER
         self._emails = {
             p.partition(":")[2] for p in named if p.startswith(("user:", "serviceAccount:"))
         }
-        domains = {p.partition(":")[2] for p in named if p.startswith("domain:")}
-        domains |= {email.rpartition("@")[2] for email in self._emails}
+        self._domains = {p.partition(":")[2] for p in named if p.startswith("domain:")}
+        domains = self._domains | {email.rpartition("@")[2] for email in self._emails}
         nowhere, n = _NOWHERE, 0
         while nowhere in domains:
             n += 1
@@ -70,7 +89,7 @@ class Representatives:
         """None for a principal no caller can hold (`user:` with a service account's email)."""
         kind, _, rest = principal.partition(":")
         if kind in {"user", "serviceAccount"}:
-            identity = Identity(ANY_ISSUER, ANY_SUBJECT, rest)
+            identity = Identity(self._person_issuer, ANY_SUBJECT, rest)
             return identity if principal in identity.principals() else None
         if kind == "domain":
             return Identity(ANY_ISSUER, ANY_SUBJECT, self.member(rest))
@@ -80,7 +99,11 @@ class Representatives:
         return Identity(ANY_ISSUER, ANY_SUBJECT, self._nobody_named)
 
     def variants(
-        self, principal: str, emails: Iterable[str], subjects: Iterable[str]
+        self,
+        principal: str,
+        emails: Iterable[str],
+        subjects: Iterable[str],
+        domains: Iterable[str] = (),
     ) -> Iterator[Identity]:
         """The representative, then holders of the principal with the claims it leaves
         open taken from `emails` and `subjects`: what a templated prefix singles out
@@ -96,6 +119,9 @@ class Representatives:
         elif kind in {"user", "serviceAccount"}:  # one person: a whole domain is not its
             for subject in subjects:  # member with this subject (listed as that subject)
                 yield Identity(identity.issuer, subject, identity.email)
+            if identity.issuer == GOOGLE_ISSUER:  # a Workspace member of a named domain
+                for domain in sorted(self._domains | set(domains)):
+                    yield Identity(GOOGLE_ISSUER, ANY_SUBJECT, identity.email, domain)
 
     def member(self, domain: str) -> str:
         """An email of `domain` no principal names."""
@@ -106,10 +132,10 @@ class Representatives:
         return f"{local}@{domain}"
 
 
-def prune(principals: Iterable[str]) -> list[str]:
+def prune(principals: Iterable[str], hosted: bool = False) -> list[str]:
     """Drop principals another one in the list already covers."""
     found = sorted(set(principals))
-    return [p for p in found if not any(q != p and covers(q, p) for q in found)]
+    return [p for p in found if not any(q != p and covers(q, p, hosted) for q in found)]
 
 
 # -- who-can ------------------------------------------------------------------------------
@@ -189,13 +215,15 @@ def who_can(policy: Policy, access: Access, index: PolicyIndex | None = None) ->
     bound = _template_values(policy, access.bucket, access.path)
     candidates = principals_of(policy) | _template_principals(policy, bound)
     candidates.add("allAuthenticatedUsers")
-    people = Representatives(candidates)
+    hosted = hosted_domains(policy)
+    people = Representatives(candidates, hosted)
     emails = {fold(v["email"]) for v in bound if "email" in v and "@" in v["email"]}
     emails |= {people.member(p.partition(":")[2]) for p in candidates if p.startswith("domain:")}
     subjects = sorted({v["sub"] for v in bound if "sub" in v})
+    domains = sorted({fold(v["domain"]) for v in bound if "domain" in v})
 
     def may(principal: str) -> bool:
-        for n, identity in enumerate(people.variants(principal, emails, subjects)):
+        for n, identity in enumerate(people.variants(principal, emails, subjects, domains)):
             decision = evaluate(index, identity, access)
             # A variant counts only by a rule naming the principal, or singling out its
             # subject: `home/${email}/` of everyone allows a subject whose email is bob's,
@@ -205,8 +233,8 @@ def who_can(policy: Policy, access: Access, index: PolicyIndex | None = None) ->
         return False
 
     allowed = {p for p in candidates if may(p)}
-    listed = prune(allowed)
-    refused = sorted(
+    listed = prune(allowed, hosted)
+    refused = sorted(  # denied principals a listed one may hold (a domain: its emails)
         p for p in candidates - allowed if any(covers(q, p) and q != p for q in listed)
     )
     return WhoCan(access, tuple(listed), tuple(refused))
@@ -219,6 +247,12 @@ def _names(policy: Policy, decision: Decision, principal: str, access: Access) -
     if any(principal in expand_principal(policy, p) for p in rule.principals):
         return True
     kind, _, rest = principal.partition(":")
+    if kind in {"user", "serviceAccount"}:  # a template of its email singles it out
+        return any(
+            fold((_bindings(p, access.path) or {}).get("email") or "") == rest
+            for p in rule.prefixes
+            if "${" in p
+        )
     subject = rest.partition("#")[2]
     return kind == "subject" and any(
         (_bindings(p, access.path) or {}).get("sub") == subject for p in rule.prefixes if "${" in p
@@ -328,7 +362,7 @@ def _starting_with(ordered: list[str], head: str) -> Iterator[str]:
         yield prefix
 
 
-def _minimal(changes: set[Grant], places: Regions) -> tuple[Grant, ...]:
+def _minimal(changes: set[Grant], places: Regions, hosted: bool = False) -> tuple[Grant, ...]:
     """Drop a change another one implies: a wider principal, or the enclosing region.
     Linear in the changes: only `allAuthenticatedUsers` and `domain:` principals are wider
     than others, and a region's parent is found among its own prefixes."""
@@ -350,7 +384,7 @@ def _minimal(changes: set[Grant], places: Regions) -> tuple[Grant, ...]:
         wider = any(
             Grant(p, g.verb, g.bucket, g.prefix) in changes
             for p in wide
-            if p != g.principal and covers(p, g.principal)
+            if p != g.principal and covers(p, g.principal, hosted)
         )
         enclosing = parent(g.bucket, g.prefix)
         return wider or (enclosing is not None and replace_prefix(g, enclosing) in changes)
@@ -365,8 +399,11 @@ def replace_prefix(grant: Grant, prefix: str) -> Grant:
 def diff(old: Policy, new: Policy) -> AccessDiff:
     """Access NEW grants that OLD did not, and access OLD granted that NEW does not."""
     named = principals_of(old) | principals_of(new)
-    people = Representatives(named)
+    hosted = hosted_domains(old, new)
+    people = Representatives(named, hosted)
     places = regions(old, new)
     before = grants(old, named, places, people)
     after = grants(new, named, places, people)
-    return AccessDiff(_minimal(after - before, places), _minimal(before - after, places))
+    return AccessDiff(
+        _minimal(after - before, places, hosted), _minimal(before - after, places, hosted)
+    )

@@ -6,7 +6,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 from proxy.policy.evaluate import expand_principal
-from proxy.policy.grants import covers
+from proxy.policy.grants import covers, hosted_domains
 from proxy.policy.model import Effect, Policy, Rule, Source, Verb
 
 WRITE_LIKE = frozenset({Verb.WRITE, Verb.DELETE, Verb.ADMIN})
@@ -128,6 +128,7 @@ class _Holders:
     asking every other rule, so a policy of thousands of rules lints in seconds."""
 
     def __init__(self, policy: Policy) -> None:
+        self.hosted = hosted_domains(policy)
         self.position = {id(r): i for i, r in enumerate(policy.rules)}
         self._named: dict[str, list[Rule]] = {}
         self._wide: list[tuple[str, Rule]] = []
@@ -142,7 +143,11 @@ class _Holders:
         decide: every deny, then earlier allows, for an allow; earlier denies for a deny."""
         here = self.position[id(rule)]
         found = {id(r): r for r in self._named.get(member, ())}
-        found.update((id(r), r) for wide, r in self._wide if covers(wide, member))
+        found.update(  # a domain's allow may not hold a Google account of its emails
+            (id(r), r)
+            for wide, r in self._wide
+            if covers(wide, member, self.hosted and r.effect is Effect.ALLOW)
+        )
         before = [
             r
             for r in found.values()
