@@ -283,6 +283,8 @@ def test_google_domains_are_the_hd_claim(tmp_path):
     elsewhere = Identity.of(GOOGLE, "3", {"email": "ann@example.com", "hd": "other.org"})
     other_issuer = Identity.of(DEV, "4", {"email": "ann@example.com", "hd": "other.org"})
     assert member.domain == "example.com" and personal.domain is None
+    # A Kelvin sign lowers into another domain's `k`: no domain, as for an email.
+    assert Identity.of(GOOGLE, "8", {"email": "a@korp.com", "hd": "\u212aorp.com"}).domain is None
     # `hd` counts with a vouched email only, as every domain: does.
     for claims in (
         {"hd": "example.com"},

@@ -189,5 +189,11 @@ class Identity:
         tools' one reading): the email if vouched for and well formed, Google's `hd`."""
         email = usable_email(claims.get("email")) if email_vouched(claims) else None
         hd = claims.get("hd")  # counted with a vouched email only, as every domain: is
-        hosted = email and isinstance(hd, str) and hd and issuer in HOSTED_DOMAIN_ISSUERS
+        hosted = (
+            email
+            and isinstance(hd, str)
+            and hd
+            and not lowers_into_ascii(hd)  # as an email: `\u212aorp.com` is not korp.com
+            and issuer in HOSTED_DOMAIN_ISSUERS
+        )
         return cls(issuer, subject, email, fold(hd) if hosted and isinstance(hd, str) else None)
