@@ -14,15 +14,13 @@ import jwt
 
 from proxy.errors import BadRequest, Unauthenticated
 from proxy.keys import IssuerKeys, SigningKey
-from proxy.policy.model import GOOGLE_ISSUER, Identity, Issuer
+from proxy.policy.model import Identity, Issuer, spellings
 
 MAX_TOKEN_BYTES = 16 * 1024
 _CACHE_SIZE = 4096
 # A verified token is remembered until its `exp`, and never longer than this: an issuer's
 # `exp` years ahead (it signed it) must not outlive a key it has since withdrawn for long.
 CACHE_SECONDS = 300.0
-# Google signs ID tokens with either spelling of its issuer.
-_ISSUER_ALIASES = {GOOGLE_ISSUER: (GOOGLE_ISSUER, "accounts.google.com")}
 _REQUIRED_CLAIMS = ["exp", "iat", "iss", "aud", "sub"]
 
 
@@ -148,7 +146,7 @@ def _unverified(token: str) -> tuple[dict[str, Any], dict[str, Any]]:
 
 def _issuer_for(candidates: Sequence[Issuer], iss: object) -> Issuer:
     for issuer in candidates:
-        if iss in _ISSUER_ALIASES.get(issuer.issuer, (issuer.issuer,)):
+        if iss in spellings(issuer.issuer):
             return issuer
     raise Unauthenticated("token issuer is not trusted")
 
@@ -162,7 +160,7 @@ def _decode(token: str, keys: Sequence[SigningKey], alg: str, issuer: Issuer) ->
                 key=key.key,
                 algorithms=[alg],
                 audience=list(issuer.audiences),
-                issuer=list(_ISSUER_ALIASES.get(issuer.issuer, (issuer.issuer,))),
+                issuer=list(spellings(issuer.issuer)),
                 leeway=issuer.leeway_seconds,
                 options={"require": _REQUIRED_CLAIMS},
             )

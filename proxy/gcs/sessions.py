@@ -125,13 +125,12 @@ class SessionSealer:
 
     def open(self, handle: str, now: float | None = None) -> UploadSession:
         fields = self._open(handle, _AAD)
-        # Six fields: a handle from before sessions carried their powers. Taken to replace
+        # Six fields: a handle from before sessions carried their powers. The defaults: it replaces
         # (its chunks need `delete`: one from a write-only caller starts again), not to be
         # privileged: every caller without `admin` would lose its uploads in flight.
         if fields is None or len(fields) not in (6, 8):
             raise InvalidSession("no such upload session")
-        powers = [bool(f) for f in fields[6:]] or [True, False]
-        session = UploadSession(*fields[:6], *powers)  # type: ignore[arg-type]
+        session = UploadSession(*fields[:6], *map(bool, fields[6:]))  # type: ignore[arg-type]
         if session.expires < (time.time() if now is None else now):
             raise InvalidSession("the upload session has expired")
         return session

@@ -15,6 +15,13 @@ IAP_ISSUER = "https://cloud.google.com/iap"
 HOSTED_DOMAIN_ISSUERS = frozenset({GOOGLE_ISSUER, IAP_ISSUER})
 # The spelling of Google's issuer that its tokens may also carry, as policies may write it.
 ISSUER_ALIASES = {"accounts.google.com": GOOGLE_ISSUER}
+
+
+def spellings(issuer: str) -> tuple[str, ...]:
+    """Every `iss` a token of `issuer` may carry: its name, and its aliases."""
+    return (issuer, *(alias for alias, name in ISSUER_ALIASES.items() if name == issuer))
+
+
 # Held by an identity whose token vouches for no usable email: deny rules that name callers
 # by email or domain apply to it, so a deny is not escaped by leaving the email out. Not a
 # principal a policy can write.
